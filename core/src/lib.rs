@@ -1,0 +1,21 @@
+//! Shoal's shared vocabulary, with no IO and few dependencies.
+//!
+//! Everything else in the workspace speaks in these types:
+//! - [`Params`] and [`Layout`]: a whole model as one contiguous `f32` buffer with named segments.
+//!   Layers, gradients, codecs, aggregation and the wire all work on this one representation.
+//! - [`ClientId`], [`ModelVersion`], [`TaskId`] and [`UpdateMeta`]: who sent what, computed on which
+//!   version, from how many samples and local steps.
+//! - [`GradientOracle`]: the small trait through which a client rule asks for a stochastic gradient,
+//!   so that the algorithms never depend on the neural-network crate.
+
+mod error;
+mod ids;
+mod oracle;
+mod params;
+mod update;
+
+pub use error::CoreError;
+pub use ids::{ClientId, ModelVersion, TaskId};
+pub use oracle::{GradientOracle, OracleError, check_dims};
+pub use params::{Layout, LayoutBuilder, Params, Segment, SegmentKind};
+pub use update::UpdateMeta;

@@ -1,0 +1,159 @@
+//! The model zoo: networks built by name, for any input shape and class count.
+//!
+//! | name     | architecture |
+//! |----------|--------------|
+//! | `logreg` | multinomial logistic regression: flatten, dense → classes |
+//! | `mlp`    | the FedAvg paper's 2NN: dense 200, ReLU, dense 200, ReLU, dense → classes |
+//! | `cnn`    | the FedAvg paper's CNN: conv5×5 32, pool 2, conv5×5 64, pool 2, dense 512, dense → classes ("same" padding, ReLU after every conv and hidden dense) |
+//! | `lenet5` | LeNet-5 with ReLU and max-pooling: conv5×5 6 (pad 2), pool, conv5×5 16, pool, dense 120, 84 → classes |
+
+use crate::error::ModelError;
+use crate::layers::{Conv2d, Dense, Flatten, Layer, MaxPool2d, Relu};
+use crate::model::Model;
+
+/// Names the zoo accepts.
+pub const MODEL_NAMES: &[&str] = &["logreg", "mlp", "cnn", "lenet5"];
+
+/// Builds the named model for inputs of `input_shape` (per sample) and `classes` outputs.
+pub fn build(name: &str, input_shape: &[usize], classes: usize) -> Result<Model, ModelError> {
+    let features: usize = input_shape.iter().product();
+    let layers = match name {
+        "logreg" => vec![flatten(), dense("fc", features, classes)],
+        "mlp" => vec![
+            flatten(),
+            dense("fc1", features, 200),
+            relu("relu1"),
+            dense("fc2", 200, 200),
+            relu("relu2"),
+            dense("fc3", 200, classes),
+        ],
+        "cnn" => {
+            let channels = image_channels(name, input_shape)?;
+            let mut layers = vec![
+                conv("conv1", channels, 32, 5, 2),
+                relu("relu1"),
+                pool("pool1"),
+                conv("conv2", 32, 64, 5, 2),
+                relu("relu2"),
+                pool("pool2"),
+                flatten(),
+            ];
+            let flat = flat_size(name, input_shape, &layers)?;
+            layers.extend([dense("fc1", flat, 512), relu("relu3"), dense("fc2", 512, classes)]);
+            layers
+        }
+        "lenet5" => {
+            let channels = image_channels(name, input_shape)?;
+            let mut layers = vec![
+                conv("conv1", channels, 6, 5, 2),
+                relu("relu1"),
+                pool("pool1"),
+                conv("conv2", 6, 16, 5, 0),
+                relu("relu2"),
+                pool("pool2"),
+                flatten(),
+            ];
+            let flat = flat_size(name, input_shape, &layers)?;
+            layers.extend([
+                dense("fc1", flat, 120),
+                relu("relu3"),
+                dense("fc2", 120, 84),
+                relu("relu4"),
+                dense("fc3", 84, classes),
+            ]);
+            layers
+        }
+        other => return Err(ModelError::UnknownModel(other.to_string())),
+    };
+    Model::new(name, input_shape, layers)
+}
+
+fn image_channels(name: &str, input_shape: &[usize]) -> Result<usize, ModelError> {
+    match input_shape {
+        &[_, _, c] => Ok(c),
+        other => Err(ModelError::Architecture {
+            model: name.to_string(),
+            reason: format!("needs image input [height, width, channels], got {other:?}"),
+        }),
+    }
+}
+
+fn flat_size(name: &str, input_shape: &[usize], layers: &[Layer]) -> Result<usize, ModelError> {
+    let mut shape = input_shape.to_vec();
+    for layer in layers {
+        shape = layer
+            .output_shape(&shape)
+            .map_err(|reason| ModelError::Architecture {
+                model: name.to_string(),
+                reason,
+            })?;
+    }
+    Ok(shape.iter().product())
+}
+
+fn dense(name: &str, inputs: usize, outputs: usize) -> Layer {
+    Layer::Dense(Dense::new(name, inputs, outputs))
+}
+
+fn conv(name: &str, inputs: usize, outputs: usize, kernel: usize, padding: usize) -> Layer {
+    Layer::Conv2d(Conv2d::new(name, inputs, outputs, kernel, 1, padding))
+}
+
+fn pool(name: &str) -> Layer {
+    Layer::MaxPool2d(MaxPool2d::new(name, 2, 2))
+}
+
+fn relu(name: &str) -> Layer {
+    Layer::Relu(Relu::new(name))
+}
+
+fn flatten() -> Layer {
+    Layer::Flatten(Flatten::new("flatten"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_counts_match_the_papers() {
+        // FedAvg 2NN: 784·200+200 + 200·200+200 + 200·10+10 = 199,210.
+        assert_eq!(build("mlp", &[28, 28, 1], 10).unwrap().num_params(), 199_210);
+        // FedAvg CNN: 832 + 51,264 + 1,606,144 + 5,130 = 1,663,370.
+        assert_eq!(build("cnn", &[28, 28, 1], 10).unwrap().num_params(), 1_663_370);
+        // LeNet-5 on 28×28: 156 + 2,416 + 48,120 + 10,164 + 850 = 61,706.
+        assert_eq!(build("lenet5", &[28, 28, 1], 10).unwrap().num_params(), 61_706);
+        assert_eq!(build("logreg", &[60], 10).unwrap().num_params(), 610);
+    }
+
+    #[test]
+    fn output_is_one_logit_per_class() {
+        for name in MODEL_NAMES {
+            let model = build(name, &[28, 28, 1], 10).unwrap();
+            assert_eq!(model.output_shape(), &[10], "{name}");
+        }
+    }
+
+    #[test]
+    fn unknown_names_and_wrong_inputs_are_errors() {
+        assert!(matches!(
+            build("resnet", &[28, 28, 1], 10),
+            Err(ModelError::UnknownModel(_))
+        ));
+        assert!(matches!(
+            build("cnn", &[60], 10),
+            Err(ModelError::Architecture { .. })
+        ));
+        assert!(matches!(
+            build("lenet5", &[3, 3, 1], 10),
+            Err(ModelError::Architecture { .. })
+        ));
+    }
+
+    #[test]
+    fn initialisation_is_deterministic_in_the_seed() {
+        let model = build("lenet5", &[28, 28, 1], 10).unwrap();
+        assert_eq!(model.init_params(7), model.init_params(7));
+        assert_ne!(model.init_params(7), model.init_params(8));
+    }
+}

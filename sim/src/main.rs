@@ -1,0 +1,232 @@
+//! `fl-sim`: Shoal's simulator and research command line.
+//!
+//! Subcommands:
+//! - `central`: train one model centrally on a whole dataset (the baseline federated runs are
+//!   compared against) and write `summary.json`, `epochs.jsonl` and `epochs.csv`;
+//! - `bench`: training throughput of the model zoo on MNIST next to the machine's sgemm rate.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use shoal_model::data::synthetic::SyntheticConfig;
+use shoal_model::data::{DATA_DIR_ENV, mnist};
+use shoal_model::train::SgdConfig;
+use shoal_model::zoo::MODEL_NAMES;
+use shoal_sim::bench::{self, BenchConfig};
+use shoal_sim::central::{self, CentralConfig, CentralProgress, EpochRecord};
+use shoal_sim::datasets::{self, DatasetName};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "fl-sim",
+    version,
+    about = "Shoal's simulator: federated-learning experiments and baselines"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model centrally on the whole training set and report test accuracy per epoch.
+    Central(CentralArgs),
+    /// Measure training throughput (samples/s) on MNIST against the machine's sgemm GFLOP/s.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct DataArgs {
+    /// Folder holding `mnist/` with the original IDX files (e.g. ../shared/data).
+    #[arg(long, env = DATA_DIR_ENV, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct CentralArgs {
+    /// Dataset to train on.
+    #[arg(long, value_enum, default_value = "mnist")]
+    dataset: DatasetName,
+    /// Model from the zoo: logreg, mlp (FedAvg 2NN), cnn (FedAvg CNN), lenet5.
+    #[arg(long, default_value = "cnn", value_parser = clap::builder::PossibleValuesParser::new(MODEL_NAMES))]
+    model: String,
+    /// Passes over the training set.
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Minibatch size.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// SGD learning rate (the peak of the cosine decay unless --constant-lr).
+    #[arg(long, default_value_t = 0.01)]
+    lr: f32,
+    /// SGD momentum (0 for plain SGD).
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f32,
+    /// L2 weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// Keep the learning rate constant instead of decaying it to zero over the run (cosine).
+    #[arg(long)]
+    constant_lr: bool,
+    /// Seed for initialisation, shuffling and synthetic data.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Train on only the first N training samples (quick checks).
+    #[arg(long, value_name = "N")]
+    max_train_samples: Option<usize>,
+    /// Batch size used for test-set evaluation.
+    #[arg(long, default_value_t = 256)]
+    eval_batch_size: usize,
+    /// synthetic(α, β): spread of the clients' models.
+    #[arg(long, default_value_t = 1.0)]
+    synthetic_alpha: f64,
+    /// synthetic(α, β): spread of the clients' inputs.
+    #[arg(long, default_value_t = 1.0)]
+    synthetic_beta: f64,
+    /// synthetic(α, β): number of clients whose data is pooled.
+    #[arg(long, default_value_t = 30)]
+    synthetic_clients: usize,
+    /// Directory for summary.json, epochs.jsonl and epochs.csv.
+    #[arg(long, value_name = "DIR", default_value = "runs/central")]
+    out: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Models to benchmark, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "mlp,cnn")]
+    models: Vec<String>,
+    /// Minibatch size.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Timed SGD steps per model.
+    #[arg(long, default_value_t = 40)]
+    steps: usize,
+    /// Side of the square sgemm baseline.
+    #[arg(long, default_value_t = 1024)]
+    gemm_size: usize,
+    /// Also write the report as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+/// A progress bar per epoch, and a printed line with test accuracy after each.
+struct BarProgress {
+    bar: Option<ProgressBar>,
+    epochs: usize,
+}
+
+impl CentralProgress for BarProgress {
+    fn epoch_started(&mut self, epoch: usize, samples: usize) {
+        let bar = ProgressBar::new(samples as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "epoch {prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} samples ({per_sec}, eta {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_prefix(format!("{epoch}/{}", self.epochs));
+        self.bar = Some(bar);
+    }
+
+    fn samples_done(&mut self, done: usize) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(done as u64);
+        }
+    }
+
+    fn epoch_finished(&mut self, r: &EpochRecord) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        println!(
+            "epoch {}/{}: train loss {:.4}, train acc {:.4} | test loss {:.4}, test accuracy {:.4} ({:.1}s)",
+            r.epoch, self.epochs, r.train_loss, r.train_accuracy, r.test_loss, r.test_accuracy, r.elapsed_s
+        );
+    }
+}
+
+fn central_cmd(args: CentralArgs) -> Result<()> {
+    let synthetic = SyntheticConfig {
+        alpha: args.synthetic_alpha,
+        beta: args.synthetic_beta,
+        num_clients: args.synthetic_clients,
+        seed: args.seed,
+        ..SyntheticConfig::default()
+    };
+    let data = datasets::load(args.dataset, args.data.data_dir.as_deref(), &synthetic)
+        .context("loading the dataset")?;
+    let config = CentralConfig {
+        model: args.model,
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        sgd: SgdConfig {
+            lr: args.lr,
+            momentum: args.momentum,
+            weight_decay: args.weight_decay,
+        },
+        cosine_lr: !args.constant_lr,
+        seed: args.seed,
+        max_train_samples: args.max_train_samples,
+        eval_batch_size: args.eval_batch_size,
+    };
+    let mut progress = BarProgress {
+        bar: None,
+        epochs: config.epochs,
+    };
+    let summary = central::run(&config, &data, &mut progress)?;
+    central::write_outputs(&summary, &args.out)?;
+    println!(
+        "final test accuracy {:.4} after {} epoch(s); {:.0} samples/s; {:.1}s wall; wrote {}",
+        summary.final_accuracy,
+        summary.epochs,
+        summary.samples_per_s,
+        summary.wall_time_s,
+        args.out.join("summary.json").display()
+    );
+    Ok(())
+}
+
+fn bench_cmd(args: BenchArgs) -> Result<()> {
+    for m in &args.models {
+        anyhow::ensure!(
+            MODEL_NAMES.contains(&m.as_str()),
+            "unknown model `{m}`; known: {}",
+            MODEL_NAMES.join(", ")
+        );
+    }
+    let root = shoal_model::data::resolve_data_root(args.data.data_dir.as_deref())?;
+    let data = mnist::load(&root).context("loading MNIST for the benchmark")?;
+    let config = BenchConfig {
+        models: args.models,
+        batch_size: args.batch_size,
+        steps: args.steps,
+        gemm_size: args.gemm_size,
+    };
+    let report = bench::run(&config, &data.train)?;
+    print!("{}", bench::render(&report));
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Central(args) => central_cmd(args),
+        Command::Bench(args) => bench_cmd(args),
+    }
+}
