@@ -22,6 +22,9 @@ pub enum OracleError {
     /// [`GradientOracle::gradient_same_batch`] was called before any minibatch was drawn.
     #[error("no minibatch has been drawn yet")]
     NoCurrentBatch,
+    /// The model behind the oracle could not evaluate the minibatch.
+    #[error("model evaluation failed: {0}")]
+    Model(String),
     /// The loss or gradient came out NaN or infinite.
     #[error("loss or gradient is not finite (loss = {0})")]
     NonFinite(f32),

@@ -77,6 +77,9 @@ pub enum DataError {
         /// How to provide it.
         hint: String,
     },
+    /// Neither a data directory flag nor the environment variable was given.
+    #[error("no data directory given: {0}")]
+    NoDataDir(String),
     /// A file that exists but does not hold what was expected.
     #[error("{} is malformed: {reason}", path.display())]
     Malformed {

@@ -300,3 +300,90 @@ impl Model {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::layers::gradient_check::check_coordinates;
+    use crate::zoo;
+    use ndarray::{ArrayD, IxDyn};
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    /// The whole network's gradient, through every layer and the loss, against central differences
+    /// of the mean cross-entropy.
+    #[test]
+    fn whole_model_gradients_match_finite_differences() {
+        for (name, shape) in [("lenet5", vec![14, 14, 2]), ("mlp", vec![12])] {
+            let model = zoo::build(name, &shape, 4).unwrap();
+            let params = model.init_params(5);
+            let mut full = vec![3];
+            full.extend_from_slice(&shape);
+            let n: usize = full.iter().product();
+            let x = ArrayD::from_shape_vec(
+                IxDyn(&full),
+                (0..n).map(|i| ((i * 7919) % 211) as f32 / 105.0 - 1.0).collect(),
+            )
+            .unwrap();
+            let labels = [0, 3, 1];
+            let mut grads = vec![0.0; model.num_params()];
+            model
+                .loss_and_gradient(
+                    params.as_slice(),
+                    x.clone(),
+                    &labels,
+                    &mut model.workspace(),
+                    &mut grads,
+                )
+                .unwrap();
+            let loss = |p: &[f32]| {
+                f64::from(
+                    model
+                        .evaluate_batch(p, x.clone(), &labels, &mut model.workspace())
+                        .unwrap()
+                        .mean_loss,
+                )
+            };
+            let mut rng = StdRng::seed_from_u64(9);
+            check_coordinates(name, params.as_slice(), &grads, &mut rng, loss);
+        }
+    }
+
+    #[test]
+    fn bad_inputs_are_typed_errors() {
+        let model = zoo::build("mlp", &[4], 3).unwrap();
+        let params = model.init_params(0);
+        let mut ws = model.workspace();
+        let wrong = ArrayD::zeros(IxDyn(&[2, 5]));
+        assert!(matches!(
+            model.forward(params.as_slice(), wrong, &mut ws, false),
+            Err(crate::ModelError::InputShape { .. })
+        ));
+        let empty = ArrayD::zeros(IxDyn(&[0, 4]));
+        assert!(matches!(
+            model.forward(params.as_slice(), empty, &mut ws, false),
+            Err(crate::ModelError::EmptyBatch(_))
+        ));
+        let x = ArrayD::zeros(IxDyn(&[2, 4]));
+        let mut grads = vec![0.0; model.num_params()];
+        assert!(
+            model
+                .loss_and_gradient(params.as_slice(), x.clone(), &[0, 3], &mut ws, &mut grads)
+                .is_err()
+        );
+        assert!(
+            model
+                .loss_and_gradient(params.as_slice(), x.clone(), &[0], &mut ws, &mut grads)
+                .is_err()
+        );
+        assert!(
+            model
+                .forward(&params.as_slice()[1..], x.clone(), &mut ws, false)
+                .is_err()
+        );
+        let g = ArrayD::zeros(IxDyn(&[2, 3]));
+        assert!(matches!(
+            model.backward(params.as_slice(), &mut model.workspace(), g, &mut grads, false),
+            Err(crate::ModelError::NoForwardPass)
+        ));
+    }
+}

@@ -28,32 +28,12 @@ pub fn build(name: &str, input_shape: &[usize], classes: usize) -> Result<Model,
             dense("fc3", 200, classes),
         ],
         "cnn" => {
-            let channels = image_channels(name, input_shape)?;
-            let mut layers = vec![
-                conv("conv1", channels, 32, 5, 2),
-                relu("relu1"),
-                pool("pool1"),
-                conv("conv2", 32, 64, 5, 2),
-                relu("relu2"),
-                pool("pool2"),
-                flatten(),
-            ];
-            let flat = flat_size(name, input_shape, &layers)?;
+            let (mut layers, flat) = conv_pool_stack(name, input_shape, [(32, 2), (64, 2)])?;
             layers.extend([dense("fc1", flat, 512), relu("relu3"), dense("fc2", 512, classes)]);
             layers
         }
         "lenet5" => {
-            let channels = image_channels(name, input_shape)?;
-            let mut layers = vec![
-                conv("conv1", channels, 6, 5, 2),
-                relu("relu1"),
-                pool("pool1"),
-                conv("conv2", 6, 16, 5, 0),
-                relu("relu2"),
-                pool("pool2"),
-                flatten(),
-            ];
-            let flat = flat_size(name, input_shape, &layers)?;
+            let (mut layers, flat) = conv_pool_stack(name, input_shape, [(6, 2), (16, 0)])?;
             layers.extend([
                 dense("fc1", flat, 120),
                 relu("relu3"),
@@ -68,27 +48,38 @@ pub fn build(name: &str, input_shape: &[usize], classes: usize) -> Result<Model,
     Model::new(name, input_shape, layers)
 }
 
-fn image_channels(name: &str, input_shape: &[usize]) -> Result<usize, ModelError> {
-    match input_shape {
-        &[_, _, c] => Ok(c),
-        other => Err(ModelError::Architecture {
-            model: name.to_string(),
-            reason: format!("needs image input [height, width, channels], got {other:?}"),
-        }),
+/// Two blocks of 5×5 convolution (`(filters, padding)` each), ReLU and 2×2 max-pool, then flatten;
+/// returns the layers and the flattened feature count.
+fn conv_pool_stack(
+    name: &str,
+    input_shape: &[usize],
+    blocks: [(usize, usize); 2],
+) -> Result<(Vec<Layer>, usize), ModelError> {
+    let arch = |reason: String| ModelError::Architecture {
+        model: name.to_string(),
+        reason,
+    };
+    let &[_, _, mut channels] = input_shape else {
+        return Err(arch(format!(
+            "needs image input [height, width, channels], got {input_shape:?}"
+        )));
+    };
+    let mut layers = Vec::new();
+    for (i, (filters, padding)) in blocks.into_iter().enumerate() {
+        let n = i + 1;
+        layers.extend([
+            conv(&format!("conv{n}"), channels, filters, 5, padding),
+            relu(&format!("relu{n}")),
+            pool(&format!("pool{n}")),
+        ]);
+        channels = filters;
     }
-}
-
-fn flat_size(name: &str, input_shape: &[usize], layers: &[Layer]) -> Result<usize, ModelError> {
+    layers.push(flatten());
     let mut shape = input_shape.to_vec();
-    for layer in layers {
-        shape = layer
-            .output_shape(&shape)
-            .map_err(|reason| ModelError::Architecture {
-                model: name.to_string(),
-                reason,
-            })?;
+    for layer in &layers {
+        shape = layer.output_shape(&shape).map_err(arch)?;
     }
-    Ok(shape.iter().product())
+    Ok((layers, shape.iter().product()))
 }
 
 fn dense(name: &str, inputs: usize, outputs: usize) -> Layer {

@@ -164,6 +164,23 @@ fn a_missing_data_directory_is_a_clear_error() {
 }
 
 #[test]
+fn no_data_directory_at_all_says_how_to_give_one() {
+    let out = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_fl-sim"))
+        .args(["central", "--dataset", "mnist", "--model", "mlp", "--out"])
+        .arg(out.path())
+        .env_remove("SHOAL_DATA")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--data-dir") && stderr.contains("SHOAL_DATA"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn an_unusable_configuration_is_an_error_not_a_panic() {
     let data = synthetic();
     assert!(

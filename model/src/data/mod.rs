@@ -141,14 +141,9 @@ pub fn resolve_data_root(explicit: Option<&Path>) -> Result<PathBuf, DataError> 
     }
     match std::env::var_os(DATA_DIR_ENV) {
         Some(value) if !value.is_empty() => Ok(PathBuf::from(value)),
-        _ => Err(DataError::Missing {
-            what: "data directory".into(),
-            path: PathBuf::from("(unset)"),
-            hint: format!(
-                "pass --data-dir DIR or set {DATA_DIR_ENV}=DIR, where DIR holds mnist/ \
-                 (in a checkout: ../shared/data)"
-            ),
-        }),
+        _ => Err(DataError::NoDataDir(format!(
+            "pass --data-dir DIR or set {DATA_DIR_ENV}=DIR, where DIR holds mnist/ (in a checkout: ../shared/data)"
+        ))),
     }
 }
 

@@ -34,7 +34,7 @@ fn probe_indices(n: usize, rng: &mut StdRng) -> Vec<usize> {
     idx
 }
 
-/// Asserts `analytic` matches the central difference of `f` along each probed coordinate.
+/// Asserts an analytic derivative matches a finite-difference estimate, relative to their size.
 pub(crate) fn assert_close(what: &str, i: usize, analytic: f32, numeric: f64) {
     let scale = 1.0f64.max(f64::from(analytic).abs()).max(numeric.abs());
     assert!(
@@ -75,21 +75,33 @@ pub(crate) fn check_layer(layer: &Layer, sample_shape: &[usize], batch: usize, s
         .expect("input gradient requested");
     assert_eq!(dx.shape(), shape.as_slice(), "input gradient shape");
 
-    for i in probe_indices(n_params, &mut rng) {
-        let mut p = params.clone();
-        p[i] = params[i] + EPS;
-        let plus = probe(layer, &p, &x, &shape, &r);
-        p[i] = params[i] - EPS;
-        let minus = probe(layer, &p, &x, &shape, &r);
-        assert_close("param", i, grads[i], (plus - minus) / (2.0 * f64::from(EPS)));
-    }
-    let dx = dx.as_slice().expect("contiguous");
-    for i in probe_indices(x.len(), &mut rng) {
-        let mut xp = x.clone();
-        xp[i] = x[i] + EPS;
-        let plus = probe(layer, &params, &xp, &shape, &r);
-        xp[i] = x[i] - EPS;
-        let minus = probe(layer, &params, &xp, &shape, &r);
-        assert_close("input", i, dx[i], (plus - minus) / (2.0 * f64::from(EPS)));
+    let probe_params = |p: &[f32]| probe(layer, p, &x, &shape, &r);
+    check_coordinates("param", &params, &grads, &mut rng, probe_params);
+    let probe_input = |xp: &[f32]| probe(layer, &params, xp, &shape, &r);
+    check_coordinates(
+        "input",
+        &x,
+        dx.as_slice().expect("contiguous"),
+        &mut rng,
+        probe_input,
+    );
+}
+
+/// Compares `analytic[i]` with the central difference of `f` along coordinate `i` of `point`, for
+/// up to `MAX_PROBES` random coordinates.
+pub(crate) fn check_coordinates(
+    what: &str,
+    point: &[f32],
+    analytic: &[f32],
+    rng: &mut StdRng,
+    f: impl Fn(&[f32]) -> f64,
+) {
+    for i in probe_indices(point.len(), rng) {
+        let mut p = point.to_vec();
+        p[i] = point[i] + EPS;
+        let plus = f(&p);
+        p[i] = point[i] - EPS;
+        let minus = f(&p);
+        assert_close(what, i, analytic[i], (plus - minus) / (2.0 * f64::from(EPS)));
     }
 }

@@ -2,6 +2,7 @@
 
 use super::{LayerCache, values};
 use ndarray::{ArrayD, IxDyn};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Max pooling with a square window.
@@ -52,41 +53,51 @@ impl MaxPool2d {
             .output_shape(&shape[1..])
             .expect("pool input shape was validated by the model");
         let (oh, ow) = (out_shape[0], out_shape[1]);
-        let x = values(&input);
-        let mut out = vec![0.0; batch * oh * ow * c];
+        let (sample_in, sample_out) = (h * w * c, oh * ow * c);
+        let mut out = vec![0.0; batch * sample_out];
         cache.argmax.resize(out.len(), 0);
-        for n in 0..batch {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let base_out = ((n * oh + oy) * ow + ox) * c;
-                    for ch in 0..c {
-                        let mut best = usize::MAX;
-                        let mut best_value = f32::NEG_INFINITY;
+        // Per sample in parallel; per output pixel, the channels are one contiguous run, so each
+        // window position is compared against the running maximum channel by channel.
+        out.par_chunks_mut(sample_out)
+            .zip(cache.argmax.par_chunks_mut(sample_out))
+            .zip(values(&input).par_chunks(sample_in))
+            .for_each(|((out, argmax), x)| {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let o = (oy * ow + ox) * c;
+                        let (best, best_at) = (&mut out[o..o + c], &mut argmax[o..o + c]);
                         for ky in 0..self.size {
                             for kx in 0..self.size {
-                                let idx =
-                                    ((n * h + oy * self.stride + ky) * w + ox * self.stride + kx) * c + ch;
-                                if best == usize::MAX || x[idx] > best_value {
-                                    best = idx;
-                                    best_value = x[idx];
+                                let i = ((oy * self.stride + ky) * w + ox * self.stride + kx) * c;
+                                let first = ky == 0 && kx == 0;
+                                for ch in 0..c {
+                                    if first || x[i + ch] > best[ch] {
+                                        best[ch] = x[i + ch];
+                                        best_at[ch] = i + ch;
+                                    }
                                 }
                             }
                         }
-                        out[base_out + ch] = best_value;
-                        cache.argmax[base_out + ch] = best;
                     }
                 }
-            }
-        }
+            });
         ArrayD::from_shape_vec(IxDyn(&[batch, oh, ow, c]), out).expect("pool output shape")
     }
 
     pub(super) fn backward(&self, cache: &LayerCache, grad_out: ArrayD<f32>) -> ArrayD<f32> {
         let mut dx = ArrayD::zeros(IxDyn(&cache.input_shape));
+        let batch = cache.input_shape[0].max(1);
+        let sample_in = dx.len() / batch;
+        let sample_out = grad_out.len() / batch;
         let dxs = dx.as_slice_mut().expect("fresh array is contiguous");
-        for (&idx, &g) in cache.argmax.iter().zip(values(&grad_out)) {
-            dxs[idx] += g;
-        }
+        dxs.par_chunks_mut(sample_in)
+            .zip(cache.argmax.par_chunks(sample_out))
+            .zip(values(&grad_out).par_chunks(sample_out))
+            .for_each(|((dx, argmax), g)| {
+                for (&i, &g) in argmax.iter().zip(g) {
+                    dx[i] += g;
+                }
+            });
         dx
     }
 }

@@ -39,7 +39,7 @@ pub struct LayerCache {
     pub(crate) saved: Option<ArrayD<f32>>,
     /// im2col columns of the last convolution forward pass.
     pub(crate) cols: Vec<f32>,
-    /// Flat input index of each max-pool output.
+    /// For each max-pool output, the index of the winning input within its sample.
     pub(crate) argmax: Vec<usize>,
     /// Input shape of the last forward pass (batch included).
     pub(crate) input_shape: Vec<usize>,

@@ -1,7 +1,7 @@
 //! Rectified linear unit, applied in place; the backward pass masks by the saved output.
 
-use super::{LayerCache, values};
-use ndarray::ArrayD;
+use super::LayerCache;
+use ndarray::{ArrayD, Zip};
 use serde::{Deserialize, Serialize};
 
 /// `max(x, 0)` element-wise.
@@ -18,7 +18,7 @@ impl Relu {
     }
 
     pub(super) fn forward(&self, mut input: ArrayD<f32>, cache: &mut LayerCache, train: bool) -> ArrayD<f32> {
-        input.mapv_inplace(|v| v.max(0.0));
+        input.par_mapv_inplace(|v| v.max(0.0));
         cache.saved = train.then(|| input.clone());
         input
     }
@@ -28,15 +28,11 @@ impl Relu {
             .saved
             .as_ref()
             .expect("relu backward needs a training forward pass");
-        let out = values(output);
-        let g = grad_out
-            .as_slice_mut()
-            .expect("activations are kept in standard layout");
-        for (g, &y) in g.iter_mut().zip(out) {
+        Zip::from(&mut grad_out).and(output).par_for_each(|g, &y| {
             if y <= 0.0 {
                 *g = 0.0;
             }
-        }
+        });
         grad_out
     }
 }
