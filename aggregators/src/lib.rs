@@ -1,7 +1,24 @@
-//! The sans-IO heart of Shoal (filled by the algorithms issue).
+//! The sans-IO heart of Shoal: the algorithms of ALGORITHMS.md as plain deterministic code.
 //!
-//! This crate will hold, one file per method, both halves of every algorithm in ALGORITHMS.md — the
-//! server rule (an accumulator of f64 weighted sums with `fold`, `merge` and `apply`) and the client
-//! rule (local steps against `shoal_core::GradientOracle`) — the schedulers (synchronous rounds,
-//! FedBuff, FedAsync, FedFix, FedCompass) and the Coordinator state machine that both `fl-server` and
-//! `fl-sim` drive. No tokio, no clock reads, no files.
+//! - [`accumulator`]: the aggregation monoid — f64 weighted sums with `fold` and `merge`, so
+//!   aggregation can run eagerly, on many workers, and in trees, whatever the method.
+//! - [`rule`]: the two halves of a method ([`ServerRule`], [`ClientRule`]) and what passes between
+//!   them; [`rules`] holds one file per method (FedAvg, FedAvgM, FedAvg-M, SCAFFOLD, SCAFFOLD-M,
+//!   SCALLION, SCAFCOM).
+//! - [`config`]: the `[algorithm.rule]` table that selects a method, shared by fl-sim and fl-server.
+//! - [`problems`]: the federated least-squares problem of ALGORITHMS.md §10.2, a gradient oracle
+//!   with a known optimum for tests and examples.
+//!
+//! No tokio, no clock reads, no files: time and data come in as values.
+
+pub mod accumulator;
+pub mod config;
+pub mod problems;
+pub mod rule;
+pub mod rules;
+
+pub use accumulator::{Accumulator, FoldError};
+pub use config::{Algorithm, ConfigError, RuleConfig};
+pub use rule::{
+    ApplyContext, Broadcast, ClientRule, ClientState, LocalTask, RuleError, ServerRule, ServerState, Upload,
+};

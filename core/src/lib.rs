@@ -6,14 +6,17 @@
 //! - [`ClientId`], [`ModelVersion`], [`TaskId`] and [`UpdateMeta`]: who sent what, computed on which
 //!   version, from how many samples and local steps.
 //! - [`GradientOracle`]: the small trait through which a client rule asks for a stochastic gradient,
-//!   so that the algorithms never depend on the neural-network crate.
+//!   so that the algorithms never depend on the neural-network crate; [`Compressor`], through which
+//!   a client rule compresses what it uploads, so they never depend on the compression crate.
 
+mod compressor;
 mod error;
 mod ids;
 mod oracle;
 mod params;
 mod update;
 
+pub use compressor::{CompressError, Compressor, IdentityCompressor};
 pub use error::CoreError;
 pub use ids::{ClientId, ModelVersion, TaskId};
 pub use oracle::{GradientOracle, OracleError, check_dims};

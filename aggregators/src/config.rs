@@ -1,0 +1,367 @@
+//! The `[algorithm.rule]` table: which method runs and with which parameters. fl-sim and fl-server
+//! read the same table.
+//!
+//! ```toml
+//! [algorithm.rule]
+//! rule = "scallion"      # fedavg | fedavgm | fedavg-m | scaffold | scaffold-m | scallion | scafcom
+//! global_lr = 1.0
+//! alpha = 0.1
+//! ```
+
+use crate::rule::{ClientRule, ServerRule};
+use crate::rules::fedavg::{FedAvgServer, LocalSgdClient};
+use crate::rules::fedavg_m::{FedAvgMomentumClient, FedAvgMomentumServer};
+use crate::rules::fedavgm::FedAvgMServer;
+use crate::rules::scafcom::{ScafcomClient, ScafcomServer};
+use crate::rules::scaffold::{ScaffoldClient, ScaffoldServer, Uplink};
+use crate::rules::scaffold_m::{ScaffoldMomentumClient, ScaffoldMomentumServer};
+use crate::rules::scallion::{AlphaPlacement, ScallionClient, ScallionServer};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// A rule configuration that cannot run, and why.
+#[derive(Debug, Error, Clone, PartialEq)]
+#[error("invalid `{rule}` configuration: {reason}")]
+pub struct ConfigError {
+    /// The rule.
+    pub rule: &'static str,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// A method and its parameters, tagged by `rule = "…"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rule", deny_unknown_fields)]
+pub enum RuleConfig {
+    /// FedAvg with a server learning rate (§1).
+    #[serde(rename = "fedavg")]
+    FedAvg {
+        /// Server learning rate `η_g` (1 = plain FedAvg).
+        #[serde(default = "one")]
+        server_lr: f32,
+    },
+    /// FedAvgM: FedAvg with server momentum (§1).
+    #[serde(rename = "fedavgm")]
+    FedAvgM {
+        /// Server learning rate `η_g`.
+        #[serde(default = "one")]
+        server_lr: f32,
+        /// Server momentum `μ`.
+        #[serde(default = "default_server_momentum")]
+        momentum: f32,
+    },
+    /// FedAvg-M: global direction blended into local steps (§2.1, §2.3).
+    #[serde(rename = "fedavg-m")]
+    FedAvgMomentum {
+        /// Weight β of the fresh gradient (1 = FedAvg).
+        beta: f32,
+        /// Global step γ (`η K` makes β = 1 exactly FedAvg).
+        global_step: f32,
+        /// FedAvg-M-VR.
+        #[serde(default)]
+        variance_reduced: bool,
+    },
+    /// SCAFFOLD (§3.1, §3.2).
+    #[serde(rename = "scaffold")]
+    Scaffold {
+        /// Global learning rate `η_g`.
+        #[serde(default = "one")]
+        global_lr: f32,
+        /// `two_vectors` (original) or `halved`.
+        #[serde(default)]
+        uplink: Uplink,
+    },
+    /// SCAFFOLD-M (§2.2, §2.3).
+    #[serde(rename = "scaffold-m")]
+    ScaffoldMomentum {
+        /// Weight β of the fresh corrected gradient (1 = SCAFFOLD).
+        beta: f32,
+        /// Global step γ.
+        global_step: f32,
+        /// `two_vectors` or `halved`.
+        #[serde(default)]
+        uplink: Uplink,
+        /// SCAFFOLD-M-VR.
+        #[serde(default)]
+        variance_reduced: bool,
+    },
+    /// SCALLION: unbiased compression (§3.3).
+    #[serde(rename = "scallion")]
+    Scallion {
+        /// Global learning rate `η_g`.
+        #[serde(default = "one")]
+        global_lr: f32,
+        /// Scaling factor α ∈ (0, 1].
+        alpha: f32,
+        /// `control_variates` (default) or `payload`.
+        #[serde(default)]
+        alpha_placement: AlphaPlacement,
+    },
+    /// SCAFCOM: biased compression with local momentum (§3.4).
+    #[serde(rename = "scafcom")]
+    Scafcom {
+        /// Global learning rate `η_g`.
+        #[serde(default = "one")]
+        global_lr: f32,
+        /// Local momentum β ∈ (0, 1].
+        #[serde(default = "default_scafcom_beta")]
+        beta: f32,
+    },
+}
+
+fn one() -> f32 {
+    1.0
+}
+fn default_server_momentum() -> f32 {
+    0.9
+}
+fn default_scafcom_beta() -> f32 {
+    0.2
+}
+
+/// Both halves of a configured method.
+#[derive(Debug)]
+pub struct Algorithm {
+    /// The server half.
+    pub server: Box<dyn ServerRule>,
+    /// The client half.
+    pub client: Box<dyn ClientRule>,
+}
+
+impl RuleConfig {
+    /// The configured method's name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RuleConfig::FedAvg { .. } => "fedavg",
+            RuleConfig::FedAvgM { .. } => "fedavgm",
+            RuleConfig::FedAvgMomentum { .. } => "fedavg-m",
+            RuleConfig::Scaffold { .. } => "scaffold",
+            RuleConfig::ScaffoldMomentum { .. } => "scaffold-m",
+            RuleConfig::Scallion { .. } => "scallion",
+            RuleConfig::Scafcom { .. } => "scafcom",
+        }
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let fail = |reason: String| {
+            Err(ConfigError {
+                rule: self.name(),
+                reason,
+            })
+        };
+        let unit = |name: &str, v: f32| {
+            if v > 0.0 && v <= 1.0 {
+                Ok(())
+            } else {
+                fail(format!("{name} must be in (0, 1], got {v}"))
+            }
+        };
+        let finite = |name: &str, v: f32| {
+            if v.is_finite() {
+                Ok(())
+            } else {
+                fail(format!("{name} must be finite, got {v}"))
+            }
+        };
+        match *self {
+            RuleConfig::FedAvg { server_lr } => finite("server_lr", server_lr),
+            RuleConfig::FedAvgM { server_lr, momentum } => {
+                finite("server_lr", server_lr)?;
+                if (0.0..1.0).contains(&momentum) {
+                    Ok(())
+                } else {
+                    fail(format!("momentum must be in [0, 1), got {momentum}"))
+                }
+            }
+            RuleConfig::FedAvgMomentum {
+                beta, global_step, ..
+            } => {
+                unit("beta", beta)?;
+                finite("global_step", global_step)
+            }
+            RuleConfig::Scaffold { global_lr, .. } => finite("global_lr", global_lr),
+            RuleConfig::ScaffoldMomentum {
+                beta,
+                global_step,
+                uplink,
+                variance_reduced,
+            } => {
+                unit("beta", beta)?;
+                finite("global_step", global_step)?;
+                if variance_reduced && uplink == Uplink::Halved {
+                    return fail(
+                        "the halved uplink rebuilds u_i = β(Δc_i + c) + (1 − β)g, which does not hold for the \
+                         variance-reduced direction; use uplink = \"two_vectors\""
+                            .into(),
+                    );
+                }
+                Ok(())
+            }
+            RuleConfig::Scallion { global_lr, alpha, .. } => {
+                finite("global_lr", global_lr)?;
+                unit("alpha", alpha)
+            }
+            RuleConfig::Scafcom { global_lr, beta } => {
+                finite("global_lr", global_lr)?;
+                unit("beta", beta)
+            }
+        }
+    }
+
+    /// Builds both halves; fails with a reason when the parameters cannot run.
+    pub fn build(&self) -> Result<Algorithm, ConfigError> {
+        self.check()?;
+        let (server, client): (Box<dyn ServerRule>, Box<dyn ClientRule>) = match *self {
+            RuleConfig::FedAvg { server_lr } => {
+                (Box::new(FedAvgServer { server_lr }), Box::new(LocalSgdClient))
+            }
+            RuleConfig::FedAvgM { server_lr, momentum } => (
+                Box::new(FedAvgMServer { server_lr, momentum }),
+                Box::new(LocalSgdClient),
+            ),
+            RuleConfig::FedAvgMomentum {
+                beta,
+                global_step,
+                variance_reduced,
+            } => (
+                Box::new(FedAvgMomentumServer { global_step }),
+                Box::new(FedAvgMomentumClient {
+                    beta,
+                    variance_reduced,
+                }),
+            ),
+            RuleConfig::Scaffold { global_lr, uplink } => (
+                Box::new(ScaffoldServer { global_lr, uplink }),
+                Box::new(ScaffoldClient { uplink }),
+            ),
+            RuleConfig::ScaffoldMomentum {
+                beta,
+                global_step,
+                uplink,
+                variance_reduced,
+            } => (
+                Box::new(ScaffoldMomentumServer {
+                    beta,
+                    global_step,
+                    uplink,
+                }),
+                Box::new(ScaffoldMomentumClient {
+                    beta,
+                    uplink,
+                    variance_reduced,
+                }),
+            ),
+            RuleConfig::Scallion {
+                global_lr,
+                alpha,
+                alpha_placement,
+            } => (
+                Box::new(ScallionServer {
+                    global_lr,
+                    alpha,
+                    placement: alpha_placement,
+                }),
+                Box::new(ScallionClient {
+                    alpha,
+                    placement: alpha_placement,
+                }),
+            ),
+            RuleConfig::Scafcom { global_lr, beta } => (
+                Box::new(ScafcomServer { global_lr }),
+                Box::new(ScafcomClient { beta }),
+            ),
+        };
+        Ok(Algorithm { server, client })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_rule_reads_from_toml_with_defaults() {
+        let cases = [
+            ("rule = \"fedavg\"", RuleConfig::FedAvg { server_lr: 1.0 }),
+            (
+                "rule = \"fedavgm\"\nmomentum = 0.5",
+                RuleConfig::FedAvgM {
+                    server_lr: 1.0,
+                    momentum: 0.5,
+                },
+            ),
+            (
+                "rule = \"fedavg-m\"\nbeta = 0.2\nglobal_step = 0.5",
+                RuleConfig::FedAvgMomentum {
+                    beta: 0.2,
+                    global_step: 0.5,
+                    variance_reduced: false,
+                },
+            ),
+            (
+                "rule = \"scaffold\"\nuplink = \"halved\"",
+                RuleConfig::Scaffold {
+                    global_lr: 1.0,
+                    uplink: Uplink::Halved,
+                },
+            ),
+            (
+                "rule = \"scaffold-m\"\nbeta = 0.5\nglobal_step = 1.0\nvariance_reduced = true",
+                RuleConfig::ScaffoldMomentum {
+                    beta: 0.5,
+                    global_step: 1.0,
+                    uplink: Uplink::TwoVectors,
+                    variance_reduced: true,
+                },
+            ),
+            (
+                "rule = \"scallion\"\nalpha = 0.1\nalpha_placement = \"payload\"",
+                RuleConfig::Scallion {
+                    global_lr: 1.0,
+                    alpha: 0.1,
+                    alpha_placement: AlphaPlacement::Payload,
+                },
+            ),
+            (
+                "rule = \"scafcom\"",
+                RuleConfig::Scafcom {
+                    global_lr: 1.0,
+                    beta: 0.2,
+                },
+            ),
+        ];
+        for (text, expected) in cases {
+            let parsed: RuleConfig = toml::from_str(text).unwrap();
+            assert_eq!(parsed, expected);
+            let algorithm = parsed.build().unwrap();
+            assert_eq!(algorithm.server.name(), expected.name());
+        }
+    }
+
+    #[test]
+    fn unknown_rules_fields_and_bad_values_are_errors_that_say_why() {
+        assert!(toml::from_str::<RuleConfig>("rule = \"fedprox\"").is_err());
+        assert!(toml::from_str::<RuleConfig>("rule = \"fedavg\"\nserver_lr = 1.0\nlr = 2.0").is_err());
+        let bad = RuleConfig::Scallion {
+            global_lr: 1.0,
+            alpha: 0.0,
+            alpha_placement: AlphaPlacement::ControlVariates,
+        };
+        assert!(bad.build().unwrap_err().to_string().contains("alpha"));
+        let vr_halved = RuleConfig::ScaffoldMomentum {
+            beta: 0.5,
+            global_step: 1.0,
+            uplink: Uplink::Halved,
+            variance_reduced: true,
+        };
+        assert!(vr_halved.build().unwrap_err().to_string().contains("two_vectors"));
+        assert!(
+            RuleConfig::FedAvgM {
+                server_lr: 1.0,
+                momentum: 1.0
+            }
+            .build()
+            .is_err()
+        );
+    }
+}

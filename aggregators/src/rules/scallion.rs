@@ -1,0 +1,107 @@
+//! SCALLION (Huang, Li, Li, ICLR 2024): SCAFFOLD with an unbiased compressed uplink — ALGORITHMS.md §3.3.
+//!
+//! Client: SCAFFOLD's corrected local steps, `δ_i = (x − y)/(η_l K) − c`, `m_i = C(δ_i)`.
+//! The placement of the scaling factor α is UNCERTAIN in the source; both readings are offered:
+//! - `control_variates` (default, DIANA-style): upload `m_i`; `c_i ← c_i + α m_i`;
+//!   server `x ← x − γ (c + mean m_i)`, `c ← c + (α/N) Σ m_i`. The model step is unbiased for any α.
+//! - `payload` (the third-party implementation): upload `α m_i`; `c_i ← c_i + α m_i`;
+//!   server `x ← x − γ (c + mean α m_i)`, `c ← c + (1/N) Σ α m_i`.
+//!
+//! The two coincide for α = 1; with the identity compressor and α = 1 SCALLION is halved SCAFFOLD.
+
+use super::scaffold::{control_variate_step, corrected_local_run};
+use crate::accumulator::Accumulator;
+use crate::rule::{
+    ApplyContext, Broadcast, ClientRule, ClientState, LocalTask, RuleError, ServerRule, ServerState, Upload,
+    state_vector,
+};
+use serde::{Deserialize, Serialize};
+use shoal_core::{Compressor, GradientOracle};
+
+/// Where SCALLION's α acts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlphaPlacement {
+    /// α damps only the control-variate updates (default).
+    #[default]
+    ControlVariates,
+    /// α scales the uploaded payload itself.
+    Payload,
+}
+
+/// SCALLION's client half.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScallionClient {
+    /// Scaling factor α ∈ (0, 1].
+    pub alpha: f32,
+    /// Where α acts.
+    pub placement: AlphaPlacement,
+}
+
+impl ClientRule for ScallionClient {
+    fn train(
+        &self,
+        task: &LocalTask,
+        broadcast: &Broadcast,
+        state: &mut ClientState,
+        oracle: &mut dyn GradientOracle,
+        compressor: &mut dyn Compressor,
+    ) -> Result<Upload, RuleError> {
+        let dim = broadcast.x.len();
+        let c_i = state_vector("client control variate", &mut state.c, dim)?;
+        let (_, mean_loss, mut m) = corrected_local_run("scallion", task, broadcast, c_i, oracle)?;
+        compressor.compress(&mut m)?;
+        for (ci, mi) in c_i.iter_mut().zip(&m) {
+            *ci += self.alpha * mi;
+        }
+        if self.placement == AlphaPlacement::Payload {
+            m.iter_mut().for_each(|v| *v *= self.alpha);
+        }
+        Ok(Upload {
+            parts: vec![m],
+            mean_loss,
+            local_steps: task.local_steps,
+        })
+    }
+}
+
+/// SCALLION's server half.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScallionServer {
+    /// Global learning rate `η_g`.
+    pub global_lr: f32,
+    /// Scaling factor α.
+    pub alpha: f32,
+    /// Where α acts.
+    pub placement: AlphaPlacement,
+}
+
+impl ServerRule for ScallionServer {
+    fn name(&self) -> &'static str {
+        "scallion"
+    }
+
+    fn upload_parts(&self) -> usize {
+        1
+    }
+
+    fn init_state(&self, x0: Vec<f32>) -> ServerState {
+        let dim = x0.len();
+        ServerState {
+            c: Some(vec![0.0; dim]),
+            ..ServerState::new(x0)
+        }
+    }
+
+    fn uniform_weights_only(&self) -> bool {
+        true
+    }
+
+    fn apply(&self, state: &mut ServerState, acc: &Accumulator, ctx: &ApplyContext) -> Result<(), RuleError> {
+        let cv_scale = match self.placement {
+            AlphaPlacement::ControlVariates => f64::from(self.alpha),
+            AlphaPlacement::Payload => 1.0,
+        };
+        control_variate_step(state, acc, ctx, self.global_lr, cv_scale)
+    }
+}
