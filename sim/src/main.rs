@@ -3,7 +3,8 @@
 //! Subcommands:
 //! - `central`: train one model centrally on a whole dataset (the baseline federated runs are
 //!   compared against) and write `summary.json`, `epochs.jsonl` and `epochs.csv`;
-//! - `bench`: training throughput of the model zoo on MNIST next to the machine's sgemm rate.
+//! - `bench training`: training throughput of the model zoo on MNIST next to the machine's sgemm rate;
+//! - `bench fold`: aggregation fold throughput next to a memory copy of the same bytes.
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -15,6 +16,7 @@ use shoal_model::zoo::MODEL_NAMES;
 use shoal_sim::bench::{self, BenchConfig};
 use shoal_sim::central::{self, CentralConfig, CentralProgress, EpochRecord};
 use shoal_sim::datasets::{self, DatasetName};
+use shoal_sim::fold_bench;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -32,8 +34,33 @@ struct Cli {
 enum Command {
     /// Train a model centrally on the whole training set and report test accuracy per epoch.
     Central(CentralArgs),
-    /// Measure training throughput (samples/s) on MNIST against the machine's sgemm GFLOP/s.
-    Bench(BenchArgs),
+    /// Benchmarks that print ratios against a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchSuite),
+}
+
+#[derive(Subcommand)]
+enum BenchSuite {
+    /// Training throughput (samples/s) on MNIST against the machine's sgemm GFLOP/s.
+    Training(BenchArgs),
+    /// Folding f32 updates into the aggregation accumulator (GB/s) against a memory copy.
+    Fold(FoldArgs),
+}
+
+#[derive(Args)]
+struct FoldArgs {
+    /// Update sizes in parameters, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000000,10000000")]
+    params: Vec<usize>,
+    /// Updates folded per measurement.
+    #[arg(long, default_value_t = 8)]
+    updates: usize,
+    /// Timed repetitions (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Also write the rates as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -217,6 +244,21 @@ fn bench_cmd(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn fold_cmd(args: FoldArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.updates >= 2 && args.reps >= 1,
+        "--updates must be at least 2 and --reps at least 1"
+    );
+    anyhow::ensure!(args.params.iter().all(|&p| p > 0), "--params must be positive");
+    let rates = fold_bench::run(&args.params, args.updates, args.reps);
+    print!("{}", fold_bench::render(&rates));
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&rates)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -227,6 +269,7 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Central(args) => central_cmd(args),
-        Command::Bench(args) => bench_cmd(args),
+        Command::Bench(BenchSuite::Training(args)) => bench_cmd(args),
+        Command::Bench(BenchSuite::Fold(args)) => fold_cmd(args),
     }
 }
