@@ -4,14 +4,20 @@
 //! ```toml
 //! [algorithm.rule]
 //! rule = "scallion"      # fedavg | fedavgm | fedavg-m | scaffold | scaffold-m | scallion | scafcom
+//!                        # | fedasync | fedbuff | fedfix | fedcompass
+//!                        # | fedasync | fedbuff | fedfix | fedcompass
 //! global_lr = 1.0
 //! alpha = 0.1
 //! ```
 
 use crate::rule::{ClientRule, ServerRule};
+use crate::rules::fedasync::{FedAsyncServer, ModelUploadClient};
 use crate::rules::fedavg::{FedAvgServer, LocalSgdClient};
 use crate::rules::fedavg_m::{FedAvgMomentumClient, FedAvgMomentumServer};
 use crate::rules::fedavgm::FedAvgMServer;
+use crate::rules::fedbuff::FedBuffServer;
+use crate::rules::fedcompass::FedCompassServer;
+use crate::rules::fedfix::FedFixServer;
 use crate::rules::scafcom::{ScafcomClient, ScafcomServer};
 use crate::rules::scaffold::{ScaffoldClient, ScaffoldServer, Uplink};
 use crate::rules::scaffold_m::{ScaffoldMomentumClient, ScaffoldMomentumServer};
@@ -107,6 +113,26 @@ pub enum RuleConfig {
         #[serde(default = "default_scafcom_beta")]
         beta: f32,
     },
+    /// FedAsync: each arrival mixed into the model with weight `α s(staleness)` (§4.3).
+    #[serde(rename = "fedasync")]
+    FedAsync,
+    /// FedBuff: buffered deltas averaged over the buffer (§4.2).
+    #[serde(rename = "fedbuff")]
+    FedBuff {
+        /// Server learning rate `η_g`.
+        #[serde(default = "one")]
+        server_lr: f32,
+    },
+    /// FedFix: deltas summed with period-corrected weights every `Δt` (§4.1).
+    #[serde(rename = "fedfix")]
+    FedFix {
+        /// Server learning rate `η_g`.
+        #[serde(default = "one")]
+        server_lr: f32,
+    },
+    /// FedCompass: group aggregation with weights `α s(staleness) / N` (§5.6).
+    #[serde(rename = "fedcompass")]
+    FedCompass,
 }
 
 fn one() -> f32 {
@@ -139,6 +165,10 @@ impl RuleConfig {
             RuleConfig::ScaffoldMomentum { .. } => "scaffold-m",
             RuleConfig::Scallion { .. } => "scallion",
             RuleConfig::Scafcom { .. } => "scafcom",
+            RuleConfig::FedAsync => "fedasync",
+            RuleConfig::FedBuff { .. } => "fedbuff",
+            RuleConfig::FedFix { .. } => "fedfix",
+            RuleConfig::FedCompass => "fedcompass",
         }
     }
 
@@ -205,6 +235,10 @@ impl RuleConfig {
                 finite("global_lr", global_lr)?;
                 unit("beta", beta)
             }
+            RuleConfig::FedBuff { server_lr } | RuleConfig::FedFix { server_lr } => {
+                finite("server_lr", server_lr)
+            }
+            RuleConfig::FedAsync | RuleConfig::FedCompass => Ok(()),
         }
     }
 
@@ -270,6 +304,14 @@ impl RuleConfig {
                 Box::new(ScafcomServer { global_lr }),
                 Box::new(ScafcomClient { beta }),
             ),
+            RuleConfig::FedAsync => (Box::new(FedAsyncServer), Box::new(ModelUploadClient)),
+            RuleConfig::FedBuff { server_lr } => {
+                (Box::new(FedBuffServer { server_lr }), Box::new(LocalSgdClient))
+            }
+            RuleConfig::FedFix { server_lr } => {
+                (Box::new(FedFixServer { server_lr }), Box::new(LocalSgdClient))
+            }
+            RuleConfig::FedCompass => (Box::new(FedCompassServer), Box::new(LocalSgdClient)),
         };
         Ok(Algorithm { server, client })
     }
@@ -329,6 +371,13 @@ mod tests {
                     beta: 0.2,
                 },
             ),
+            ("rule = \"fedasync\"", RuleConfig::FedAsync),
+            (
+                "rule = \"fedbuff\"\nserver_lr = 0.5",
+                RuleConfig::FedBuff { server_lr: 0.5 },
+            ),
+            ("rule = \"fedfix\"", RuleConfig::FedFix { server_lr: 1.0 }),
+            ("rule = \"fedcompass\"", RuleConfig::FedCompass),
         ];
         for (text, expected) in cases {
             let parsed: RuleConfig = toml::from_str(text).unwrap();

@@ -151,6 +151,9 @@ pub enum RuleError {
         /// The weight offered.
         weight: f64,
     },
+    /// FedAsync's mixing weights of one aggregation sum to more than 1.
+    #[error("mixing weights sum to {0}, more than 1")]
+    MixingWeights(f64),
     /// The method needs at least one local step.
     #[error("a task needs at least one local step")]
     NoLocalSteps,

@@ -38,6 +38,18 @@ fn run(
     per_round: usize,
     oracles: &mut dyn FnMut(usize) -> LeastSquaresOracle,
 ) -> Run {
+    run_weighted(config, task, rounds, per_round, 1.0, oracles)
+}
+
+/// As [`run`], folding every upload with `weight`.
+fn run_weighted(
+    config: &RuleConfig,
+    task: LocalTask,
+    rounds: usize,
+    per_round: usize,
+    weight: f64,
+    oracles: &mut dyn FnMut(usize) -> LeastSquaresOracle,
+) -> Run {
     let Algorithm { server, client } = config.build().expect("test configurations are valid");
     let mut state = server.init_state(vec![0.0; D]);
     let mut clients = vec![ClientState::default(); N];
@@ -56,7 +68,9 @@ fn run(
                     &mut IdentityCompressor,
                 )
                 .expect("local training succeeds");
-            server.fold(&mut acc, &upload.views(), 1.0).expect("uploads fold");
+            server
+                .fold(&mut acc, &upload.views(), weight)
+                .expect("uploads fold");
         }
         server
             .apply(&mut state, &acc, &ApplyContext { num_clients: N, task })
@@ -528,4 +542,122 @@ fn uniform_rules_refuse_other_weights_and_bad_uploads_never_move_the_model() {
         )
         .unwrap();
     assert_eq!(state, before, "an empty aggregation leaves the state alone");
+}
+
+#[test]
+fn fedbuff_with_one_fresh_update_is_fedasync_with_alpha_one() {
+    let p = problem();
+    for r in 1..4 {
+        let buffered = run(
+            &RuleConfig::FedBuff { server_lr: 1.0 },
+            TASK,
+            r,
+            1,
+            &mut minibatch(&p),
+        );
+        let mixed = run(&RuleConfig::FedAsync, TASK, r, 1, &mut minibatch(&p));
+        assert_same_trajectory(&buffered, &mixed, 1e-5);
+    }
+}
+
+#[test]
+fn fedbuff_over_fresh_updates_is_uniform_fedavg() {
+    let p = problem();
+    for per_round in [4, N] {
+        let fedavg = run(
+            &RuleConfig::FedAvg { server_lr: 1.0 },
+            TASK,
+            6,
+            per_round,
+            &mut minibatch(&p),
+        );
+        let fedbuff = run(
+            &RuleConfig::FedBuff { server_lr: 1.0 },
+            TASK,
+            6,
+            per_round,
+            &mut minibatch(&p),
+        );
+        assert_same_trajectory(&fedavg, &fedbuff, 1e-6);
+    }
+}
+
+#[test]
+fn fedfix_with_a_window_longer_than_every_job_is_fedavg() {
+    use shoal_aggregators::rules::fedfix::fedfix_weight;
+    let p = problem();
+    // Every job takes at most 7 time units and Δt = 10: each d_i = ⌈τ_i/Δt⌉ p_i = 1/N.
+    let weight = fedfix_weight(7, 10, 1.0 / N as f64);
+    let fedfix = run_weighted(
+        &RuleConfig::FedFix { server_lr: 1.0 },
+        TASK,
+        6,
+        N,
+        weight,
+        &mut minibatch(&p),
+    );
+    let fedavg = run(
+        &RuleConfig::FedAvg { server_lr: 1.0 },
+        TASK,
+        6,
+        N,
+        &mut minibatch(&p),
+    );
+    assert_same_trajectory(&fedavg, &fedfix, 1e-5);
+}
+
+#[test]
+fn fedcompass_with_homogeneous_fresh_groups_is_fedavg_with_server_rate_alpha() {
+    use shoal_aggregators::staleness::Staleness;
+    let p = problem();
+    let alpha = 0.9;
+    let weight = alpha * Staleness::default().weight(0) / N as f64;
+    let compass = run_weighted(&RuleConfig::FedCompass, TASK, 6, N, weight, &mut minibatch(&p));
+    let fedavg = run(
+        &RuleConfig::FedAvg {
+            server_lr: alpha as f32,
+        },
+        TASK,
+        6,
+        N,
+        &mut minibatch(&p),
+    );
+    assert_same_trajectory(&fedavg, &compass, 1e-5);
+}
+
+#[test]
+fn fedasync_mixing_bounds() {
+    let p = problem();
+    // α_t = 0 leaves the model; mixing weights above 1 are refused.
+    let frozen = run_weighted(&RuleConfig::FedAsync, TASK, 3, 1, 0.0, &mut minibatch(&p));
+    assert!(frozen.states.iter().all(|s| s.x.iter().all(|&x| x == 0.0)));
+    let Algorithm { server, client } = RuleConfig::FedAsync.build().unwrap();
+    let mut state = server.init_state(vec![0.0; D]);
+    let mut acc = server.accumulator(D);
+    for i in 0..2 {
+        let up = client
+            .train(
+                &TASK,
+                &state.broadcast(),
+                &mut ClientState::default(),
+                &mut p.full_batch_oracle(i),
+                &mut IdentityCompressor,
+            )
+            .unwrap();
+        server.fold(&mut acc, &up.views(), 0.75).unwrap();
+    }
+    let before = state.clone();
+    assert!(
+        server
+            .apply(
+                &mut state,
+                &acc,
+                &ApplyContext {
+                    num_clients: N,
+                    task: TASK
+                }
+            )
+            .is_err()
+    );
+    assert_eq!(state, before);
 }

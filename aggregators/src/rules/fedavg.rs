@@ -42,10 +42,17 @@ pub struct FedAvgServer {
     pub server_lr: f32,
 }
 
-/// `x ← x + η · mean` over the weighted mean of part 0; returns the mean, or `None` (and leaves `x`)
-/// when nothing with positive weight was folded.
+/// The weighted mean of the folded deltas, or `None` when nothing with positive weight was folded.
 pub(crate) fn mean_delta(acc: &Accumulator) -> Option<Vec<f64>> {
     acc.weighted_mean(0)
+}
+
+/// `x ← x + scale · Σ w_i Δ_i`: the step of every delta-summing method (FedAvg with
+/// `scale = η_g / Σ w_i`, FedBuff with `η_g / K`, FedFix and FedCompass with `η_g`).
+pub(crate) fn add_scaled_sum(state: &mut ServerState, acc: &Accumulator, scale: f64) {
+    for (x, s) in state.x.iter_mut().zip(acc.sum(0)) {
+        *x = (f64::from(*x) + scale * s) as f32;
+    }
 }
 
 impl ServerRule for FedAvgServer {
