@@ -92,6 +92,15 @@ impl ServerState {
         }
     }
 
+    /// A state holding the model and a zero server control variate (SCAFFOLD family).
+    pub fn with_control_variate(x: Vec<f32>) -> Self {
+        let dim = x.len();
+        Self {
+            c: Some(vec![0.0; dim]),
+            ..Self::new(x)
+        }
+    }
+
     /// The broadcast of this state (copies each vector once into shared storage).
     pub fn broadcast(&self) -> Broadcast {
         let share = |v: &Option<Vec<f32>>| v.as_deref().map(Arc::from);
@@ -179,11 +188,16 @@ pub trait ServerRule: Debug + Send + Sync {
     /// The method's name, as in the configuration.
     fn name(&self) -> &'static str;
 
-    /// Vectors per upload.
-    fn upload_parts(&self) -> usize;
+    /// Vectors per upload (one unless the method says otherwise).
+    fn upload_parts(&self) -> usize {
+        1
+    }
 
-    /// The initial server state around the initial model `x0` (zero `c`, `g`, momentum as needed).
-    fn init_state(&self, x0: Vec<f32>) -> ServerState;
+    /// The initial server state around the initial model `x0`; methods that keep `c`, `g` or a
+    /// momentum buffer start them at zero.
+    fn init_state(&self, x0: Vec<f32>) -> ServerState {
+        ServerState::new(x0)
+    }
 
     /// True when the method averages uploads uniformly, so every fold weight must be 1.
     fn uniform_weights_only(&self) -> bool {

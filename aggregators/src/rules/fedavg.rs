@@ -60,14 +60,6 @@ impl ServerRule for FedAvgServer {
         "fedavg"
     }
 
-    fn upload_parts(&self) -> usize {
-        1
-    }
-
-    fn init_state(&self, x0: Vec<f32>) -> ServerState {
-        ServerState::new(x0)
-    }
-
     fn apply(
         &self,
         state: &mut ServerState,

@@ -106,10 +106,6 @@ impl ServerRule for FedAvgMomentumServer {
         "fedavg-m"
     }
 
-    fn upload_parts(&self) -> usize {
-        1
-    }
-
     fn init_state(&self, x0: Vec<f32>) -> ServerState {
         let dim = x0.len();
         ServerState {

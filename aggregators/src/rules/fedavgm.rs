@@ -21,10 +21,6 @@ impl ServerRule for FedAvgMServer {
         "fedavgm"
     }
 
-    fn upload_parts(&self) -> usize {
-        1
-    }
-
     fn init_state(&self, x0: Vec<f32>) -> ServerState {
         let dim = x0.len();
         ServerState {

@@ -28,14 +28,6 @@ impl ServerRule for FedFixServer {
         "fedfix"
     }
 
-    fn upload_parts(&self) -> usize {
-        1
-    }
-
-    fn init_state(&self, x0: Vec<f32>) -> ServerState {
-        ServerState::new(x0)
-    }
-
     fn apply(
         &self,
         state: &mut ServerState,

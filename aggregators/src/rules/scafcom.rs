@@ -69,10 +69,6 @@ impl ServerRule for ScafcomServer {
         "scafcom"
     }
 
-    fn upload_parts(&self) -> usize {
-        1
-    }
-
     fn init_state(&self, x0: Vec<f32>) -> ServerState {
         let dim = x0.len();
         ServerState {
