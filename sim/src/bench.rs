@@ -72,7 +72,8 @@ pub struct BenchConfig {
     pub gemm_size: usize,
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
+/// The median of timed repetitions (the upper one for an even count).
+pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
 }

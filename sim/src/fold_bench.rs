@@ -7,6 +7,7 @@
 //! partial sums are merged (the merge is timed too). Accumulators are warm: allocated once and
 //! reset between repetitions, as a long-lived aggregation worker keeps them.
 
+use crate::bench::median;
 use serde::{Deserialize, Serialize};
 use shoal_aggregators::Accumulator;
 use std::time::Instant;
@@ -26,11 +27,6 @@ pub struct FoldRate {
     pub memcpy_gb_s: f64,
     /// `fold_gb_s / memcpy_gb_s`.
     pub ratio: f64,
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
 }
 
 fn memcpy_gb_s(updates: &[Vec<f32>], reps: usize) -> f64 {

@@ -219,6 +219,12 @@ fn central_cmd(args: CentralArgs) -> Result<()> {
     Ok(())
 }
 
+/// Writes a benchmark report as pretty JSON.
+fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 fn bench_cmd(args: BenchArgs) -> Result<()> {
     for m in &args.models {
         anyhow::ensure!(
@@ -238,8 +244,7 @@ fn bench_cmd(args: BenchArgs) -> Result<()> {
     let report = bench::run(&config, &data.train)?;
     print!("{}", bench::render(&report));
     if let Some(path) = args.json {
-        std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
+        write_json(&path, &report)?;
     }
     Ok(())
 }
@@ -253,8 +258,7 @@ fn fold_cmd(args: FoldArgs) -> Result<()> {
     let rates = fold_bench::run(&args.params, args.updates, args.reps);
     print!("{}", fold_bench::render(&rates));
     if let Some(path) = args.json {
-        std::fs::write(&path, serde_json::to_string_pretty(&rates)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
+        write_json(&path, &rates)?;
     }
     Ok(())
 }

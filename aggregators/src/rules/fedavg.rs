@@ -42,11 +42,6 @@ pub struct FedAvgServer {
     pub server_lr: f32,
 }
 
-/// The weighted mean of the folded deltas, or `None` when nothing with positive weight was folded.
-pub(crate) fn mean_delta(acc: &Accumulator) -> Option<Vec<f64>> {
-    acc.weighted_mean(0)
-}
-
 /// `x ← x + scale · Σ w_i Δ_i`: the step of every delta-summing method (FedAvg with
 /// `scale = η_g / Σ w_i`, FedBuff with `η_g / K`, FedFix and FedCompass with `η_g`).
 pub(crate) fn add_scaled_sum(state: &mut ServerState, acc: &Accumulator, scale: f64) {
@@ -66,11 +61,8 @@ impl ServerRule for FedAvgServer {
         acc: &Accumulator,
         _ctx: &ApplyContext,
     ) -> Result<(), RuleError> {
-        if let Some(mean) = mean_delta(acc) {
-            let lr = f64::from(self.server_lr);
-            for (x, d) in state.x.iter_mut().zip(mean) {
-                *x = (f64::from(*x) + lr * d) as f32;
-            }
+        if !acc.is_empty() {
+            add_scaled_sum(state, acc, f64::from(self.server_lr) / acc.total_weight());
         }
         Ok(())
     }

@@ -3,7 +3,6 @@
 //! Clients run plain local SGD and upload `Δ_i = y − x` ([`LocalSgdClient`](super::fedavg::LocalSgdClient)).
 //! Server: `Δ̄ = Σ w_i Δ_i / Σ w_i`, `v ← μ v + Δ̄`, `x ← x + η_g v`. With `μ = 0` it is FedAvg.
 
-use super::fedavg::mean_delta;
 use crate::accumulator::Accumulator;
 use crate::rule::{ApplyContext, RuleError, ServerRule, ServerState};
 
@@ -35,7 +34,7 @@ impl ServerRule for FedAvgMServer {
         acc: &Accumulator,
         _ctx: &ApplyContext,
     ) -> Result<(), RuleError> {
-        let Some(mean) = mean_delta(acc) else {
+        let Some(mean) = acc.weighted_mean(0) else {
             return Ok(());
         };
         let dim = state.x.len();

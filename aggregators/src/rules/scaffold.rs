@@ -11,6 +11,7 @@
 //! Means are uniform over the participants (every fold weight is 1), so `c` stays the mean of all
 //! `c_i`. Both forms give the same trajectory (tested).
 
+use super::fedavg::add_scaled_sum;
 use crate::accumulator::Accumulator;
 use crate::rule::{
     ApplyContext, Broadcast, ClientRule, ClientState, LocalTask, RuleError, ServerRule, ServerState, Upload,
@@ -28,6 +29,16 @@ pub enum Uplink {
     TwoVectors,
     /// Only the control-variate increment (d floats); the server rebuilds the model step.
     Halved,
+}
+
+impl Uplink {
+    /// Vectors per upload in this form.
+    pub fn vectors(self) -> usize {
+        match self {
+            Uplink::TwoVectors => 2,
+            Uplink::Halved => 1,
+        }
+    }
 }
 
 /// SCAFFOLD's client half.
@@ -147,10 +158,7 @@ impl ServerRule for ScaffoldServer {
     }
 
     fn upload_parts(&self) -> usize {
-        match self.uplink {
-            Uplink::TwoVectors => 2,
-            Uplink::Halved => 1,
-        }
+        self.uplink.vectors()
     }
 
     fn init_state(&self, x0: Vec<f32>) -> ServerState {
@@ -168,10 +176,7 @@ impl ServerRule for ScaffoldServer {
         match self.uplink {
             Uplink::Halved => control_variate_step(state, acc, ctx, self.global_lr, 1.0),
             Uplink::TwoVectors => {
-                let lr = f64::from(self.global_lr) / acc.total_weight();
-                for (x, &s) in state.x.iter_mut().zip(acc.sum(0)) {
-                    *x = (f64::from(*x) + lr * s) as f32;
-                }
+                add_scaled_sum(state, acc, f64::from(self.global_lr) / acc.total_weight());
                 add_to_control_variate(state, acc, 1, ctx)
             }
         }

@@ -108,10 +108,7 @@ impl ServerRule for ScaffoldMomentumServer {
     }
 
     fn upload_parts(&self) -> usize {
-        match self.uplink {
-            Uplink::TwoVectors => 2,
-            Uplink::Halved => 1,
-        }
+        self.uplink.vectors()
     }
 
     fn init_state(&self, x0: Vec<f32>) -> ServerState {
