@@ -1,16 +1,16 @@
-//! The `[algorithm.rule]` table: which method runs and with which parameters. fl-sim and fl-server
-//! read the same table.
+//! The `[algorithm]` table — local work, `[algorithm.rule]` (which method runs, with which
+//! parameters) and `[algorithm.scheduler]` — shared by fl-sim and fl-server.
 //!
 //! ```toml
 //! [algorithm.rule]
 //! rule = "scallion"      # fedavg | fedavgm | fedavg-m | scaffold | scaffold-m | scallion | scafcom
 //!                        # | fedasync | fedbuff | fedfix | fedcompass
-//!                        # | fedasync | fedbuff | fedfix | fedcompass
 //! global_lr = 1.0
 //! alpha = 0.1
 //! ```
 
-use crate::rule::{ClientRule, ServerRule};
+use crate::coordinator::Coordinator;
+use crate::rule::{ClientRule, LocalTask, ServerRule};
 use crate::rules::fedasync::{FedAsyncServer, ModelUploadClient};
 use crate::rules::fedavg::{FedAvgServer, LocalSgdClient};
 use crate::rules::fedavg_m::{FedAvgMomentumClient, FedAvgMomentumServer};
@@ -22,17 +22,29 @@ use crate::rules::scafcom::{ScafcomClient, ScafcomServer};
 use crate::rules::scaffold::{ScaffoldClient, ScaffoldServer, Uplink};
 use crate::rules::scaffold_m::{ScaffoldMomentumClient, ScaffoldMomentumServer};
 use crate::rules::scallion::{AlphaPlacement, ScallionClient, ScallionServer};
+use crate::schedulers::sync::SyncConfig;
+use crate::schedulers::{SchedulerConfig, check_pairing};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// A rule configuration that cannot run, and why.
+/// A configuration that cannot run, and why.
 #[derive(Debug, Error, Clone, PartialEq)]
-#[error("invalid `{rule}` configuration: {reason}")]
+#[error("invalid {subject}: {reason}")]
 pub struct ConfigError {
-    /// The rule.
-    pub rule: &'static str,
+    /// What is misconfigured (a rule, a scheduler, or a pairing of the two).
+    pub subject: String,
     /// What is wrong.
     pub reason: String,
+}
+
+impl ConfigError {
+    /// An error about `subject`.
+    pub fn new(subject: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            subject: subject.into(),
+            reason: reason.into(),
+        }
+    }
 }
 
 /// A method and its parameters, tagged by `rule = "…"`.
@@ -154,6 +166,102 @@ pub struct Algorithm {
     pub client: Box<dyn ClientRule>,
 }
 
+/// The `[algorithm]` table: a rule, the scheduler it runs under, and the local work of a task.
+///
+/// ```toml
+/// [algorithm]
+/// local_steps = 20        # K (FedCompass picks its own within [q_min, q_max])
+/// local_lr = 0.05
+///
+/// [algorithm.rule]
+/// rule = "fedavg"
+///
+/// [algorithm.scheduler]
+/// scheduler = "sync"
+/// clients_per_round = 10
+/// deadline_s = 120
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlgorithmConfig {
+    /// Local steps per task `K` where the scheduler does not choose them.
+    #[serde(default = "default_local_steps")]
+    pub local_steps: u32,
+    /// Local learning rate `η_l`.
+    #[serde(default = "default_local_lr")]
+    pub local_lr: f32,
+    /// Failed tasks in a row after which a client is evicted (0: never).
+    #[serde(default = "default_evict_after_failures")]
+    pub evict_after_failures: u32,
+    /// The method.
+    pub rule: RuleConfig,
+    /// When and with what weights it aggregates.
+    #[serde(default)]
+    pub scheduler: SchedulerConfig,
+}
+
+fn default_local_steps() -> u32 {
+    10
+}
+fn default_local_lr() -> f32 {
+    0.01
+}
+fn default_evict_after_failures() -> u32 {
+    3
+}
+
+impl AlgorithmConfig {
+    /// The rule under the scheduler, with defaults for everything else.
+    pub fn new(rule: RuleConfig, scheduler: SchedulerConfig) -> Self {
+        Self {
+            local_steps: default_local_steps(),
+            local_lr: default_local_lr(),
+            evict_after_failures: default_evict_after_failures(),
+            rule,
+            scheduler,
+        }
+    }
+
+    /// The local task of a [`Command::Train`](crate::Command::Train) asking for `local_steps`.
+    pub fn local_task(&self, local_steps: u32) -> LocalTask {
+        LocalTask {
+            local_steps,
+            lr: self.local_lr,
+        }
+    }
+
+    /// Both halves of the rule and a Coordinator running the scheduler, with `seed` for every
+    /// random choice; fails with a reason when the parameters or the pairing cannot run.
+    pub fn build(&self, seed: u64) -> Result<(Algorithm, Coordinator), ConfigError> {
+        if self.local_steps == 0 {
+            return Err(ConfigError::new(
+                "`[algorithm]`",
+                "local_steps must be at least 1",
+            ));
+        }
+        if !(self.local_lr.is_finite() && self.local_lr > 0.0) {
+            return Err(ConfigError::new(
+                "`[algorithm]`",
+                format!("local_lr must be a positive number, got {}", self.local_lr),
+            ));
+        }
+        let algorithm = self.rule.build()?;
+        let aggregation = algorithm.server.aggregation();
+        check_pairing(self.rule.name(), aggregation, &self.scheduler)?;
+        let scheduler = self.scheduler.build(aggregation, self.local_steps)?;
+        Ok((
+            algorithm,
+            Coordinator::new(scheduler, seed, self.evict_after_failures),
+        ))
+    }
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig::Sync(SyncConfig::default())
+    }
+}
+
 impl RuleConfig {
     /// The configured method's name.
     pub fn name(&self) -> &'static str {
@@ -173,12 +281,7 @@ impl RuleConfig {
     }
 
     fn check(&self) -> Result<(), ConfigError> {
-        let fail = |reason: String| {
-            Err(ConfigError {
-                rule: self.name(),
-                reason,
-            })
-        };
+        let fail = |reason: String| Err(ConfigError::new(format!("`{}` rule", self.name()), reason));
         let unit = |name: &str, v: f32| {
             if v > 0.0 && v <= 1.0 {
                 Ok(())

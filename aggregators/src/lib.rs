@@ -6,7 +6,12 @@
 //!   them; [`rules`] holds one file per method (FedAvg, FedAvgM, FedAvg-M, SCAFFOLD, SCAFFOLD-M,
 //!   SCALLION, SCAFCOM, FedAsync, FedBuff, FedFix, FedCompass).
 //! - [`staleness`]: the staleness discounts of the asynchronous methods.
-//! - [`config`]: the `[algorithm.rule]` table that selects a method, shared by fl-sim and fl-server.
+//! - [`schedulers`]: when to aggregate, who trains for how many steps, with what weights —
+//!   synchronous rounds, FedBuff, FedAsync, FedFix, FedCompass.
+//! - [`coordinator`]: the sans-IO state machine both drivers run: events in, commands out; it owns
+//!   the version counter and the client records, and runs the configured scheduler.
+//! - [`config`]: the `[algorithm]` table (rule, scheduler, local work), shared by fl-sim and
+//!   fl-server.
 //! - [`problems`]: the federated least-squares problem of ALGORITHMS.md §10.2, a gradient oracle
 //!   with a known optimum for tests and examples.
 //!
@@ -14,13 +19,18 @@
 
 pub mod accumulator;
 pub mod config;
+pub mod coordinator;
 pub mod problems;
 pub mod rule;
 pub mod rules;
+pub mod schedulers;
 pub mod staleness;
 
 pub use accumulator::{Accumulator, FoldError};
-pub use config::{Algorithm, ConfigError, RuleConfig};
+pub use config::{Algorithm, AlgorithmConfig, ConfigError, RuleConfig};
+pub use coordinator::{Command, Coordinator, CoordinatorError, CoordinatorStats, DiscardReason, Event};
 pub use rule::{
-    ApplyContext, Broadcast, ClientRule, ClientState, LocalTask, RuleError, ServerRule, ServerState, Upload,
+    Aggregation, ApplyContext, Broadcast, ClientRule, ClientState, LocalTask, RuleError, ServerRule,
+    ServerState, Upload,
 };
+pub use schedulers::{SchedulerConfig, Weighting};

@@ -113,6 +113,26 @@ impl ServerState {
     }
 }
 
+/// How a method turns its fold weights into a step — the contract between a rule and the scheduler
+/// that computes the weights (see `schedulers` for which pairs are allowed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aggregation {
+    /// Weights are relative importances; the rule divides by their sum (FedAvg, FedAvgM).
+    WeightedMean,
+    /// As `WeightedMean`, and every upload of an aggregation must be computed on the current
+    /// version, because the method keeps a global direction built from one round (FedAvg-M).
+    SynchronousWeightedMean,
+    /// Every weight is 1 and every upload of an aggregation is computed on the current version:
+    /// control-variate methods keep `c` equal to the mean of all `c_i` (SCAFFOLD family).
+    SynchronousMean,
+    /// Weights are per-update discounts; the rule divides the sum by the number of uploads (FedBuff).
+    PerUpdateMean,
+    /// Weights are step sizes; the rule adds the weighted sum as it is (FedFix, FedCompass).
+    WeightedSum,
+    /// Weights are mixing coefficients of uploaded models, summing to at most 1 (FedAsync).
+    Mixing,
+}
+
 /// What `apply` needs to know about the aggregation beyond the sums.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ApplyContext {
@@ -199,9 +219,9 @@ pub trait ServerRule: Debug + Send + Sync {
         ServerState::new(x0)
     }
 
-    /// True when the method averages uploads uniformly, so every fold weight must be 1.
-    fn uniform_weights_only(&self) -> bool {
-        false
+    /// What the method's fold weights mean, and so which schedulers it can run under.
+    fn aggregation(&self) -> Aggregation {
+        Aggregation::WeightedMean
     }
 
     /// An empty accumulator for this method's uploads.
@@ -211,7 +231,7 @@ pub trait ServerRule: Debug + Send + Sync {
 
     /// Folds one upload with `weight`; refused uploads never reach the sums.
     fn fold(&self, acc: &mut Accumulator, upload: &[&[f32]], weight: f64) -> Result<(), RuleError> {
-        if self.uniform_weights_only() && weight != 1.0 {
+        if self.aggregation() == Aggregation::SynchronousMean && weight != 1.0 {
             return Err(RuleError::WeightNotSupported {
                 rule: self.name(),
                 weight,

@@ -3,6 +3,7 @@
 //! Everything else in the workspace speaks in these types:
 //! - [`Params`] and [`Layout`]: a whole model as one contiguous `f32` buffer with named segments.
 //!   Layers, gradients, codecs, aggregation and the wire all work on this one representation.
+//! - [`Timestamp`]: time as a value (integer microseconds), so the core never reads a clock.
 //! - [`ClientId`], [`ModelVersion`], [`TaskId`] and [`UpdateMeta`]: who sent what, computed on which
 //!   version, from how many samples and local steps.
 //! - [`GradientOracle`]: the small trait through which a client rule asks for a stochastic gradient,
@@ -14,6 +15,7 @@ mod error;
 mod ids;
 mod oracle;
 mod params;
+mod time;
 mod update;
 
 pub use compressor::{CompressError, Compressor, IdentityCompressor};
@@ -21,4 +23,5 @@ pub use error::CoreError;
 pub use ids::{ClientId, ModelVersion, TaskId};
 pub use oracle::{GradientOracle, OracleError, check_dims};
 pub use params::{Layout, LayoutBuilder, Params, Segment, SegmentKind};
+pub use time::{Timestamp, micros_from_secs};
 pub use update::UpdateMeta;

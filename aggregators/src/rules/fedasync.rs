@@ -8,8 +8,8 @@
 
 use crate::accumulator::Accumulator;
 use crate::rule::{
-    ApplyContext, Broadcast, ClientRule, ClientState, LocalTask, RuleError, ServerRule, ServerState, Upload,
-    local_steps,
+    Aggregation, ApplyContext, Broadcast, ClientRule, ClientState, LocalTask, RuleError, ServerRule,
+    ServerState, Upload, local_steps,
 };
 use shoal_core::{Compressor, GradientOracle};
 
@@ -45,6 +45,10 @@ const MIXING_SLACK: f64 = 1e-9;
 impl ServerRule for FedAsyncServer {
     fn name(&self) -> &'static str {
         "fedasync"
+    }
+
+    fn aggregation(&self) -> Aggregation {
+        Aggregation::Mixing
     }
 
     fn apply(

@@ -9,8 +9,8 @@
 
 use crate::accumulator::Accumulator;
 use crate::rule::{
-    ApplyContext, Broadcast, ClientRule, ClientState, LocalTask, RuleError, ServerRule, ServerState, Upload,
-    average_direction, local_steps, require,
+    Aggregation, ApplyContext, Broadcast, ClientRule, ClientState, LocalTask, RuleError, ServerRule,
+    ServerState, Upload, average_direction, local_steps, require,
 };
 use shoal_core::{Compressor, GradientOracle};
 
@@ -104,6 +104,10 @@ pub(crate) fn global_direction_step(state: &mut ServerState, new_g: Vec<f64>, ga
 impl ServerRule for FedAvgMomentumServer {
     fn name(&self) -> &'static str {
         "fedavg-m"
+    }
+
+    fn aggregation(&self) -> Aggregation {
+        Aggregation::SynchronousWeightedMean
     }
 
     fn init_state(&self, x0: Vec<f32>) -> ServerState {

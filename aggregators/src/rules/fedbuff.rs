@@ -8,7 +8,7 @@
 
 use super::fedavg::add_scaled_sum;
 use crate::accumulator::Accumulator;
-use crate::rule::{ApplyContext, RuleError, ServerRule, ServerState};
+use crate::rule::{Aggregation, ApplyContext, RuleError, ServerRule, ServerState};
 
 /// FedBuff's server half.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -20,6 +20,10 @@ pub struct FedBuffServer {
 impl ServerRule for FedBuffServer {
     fn name(&self) -> &'static str {
         "fedbuff"
+    }
+
+    fn aggregation(&self) -> Aggregation {
+        Aggregation::PerUpdateMean
     }
 
     fn apply(

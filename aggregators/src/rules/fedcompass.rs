@@ -10,7 +10,7 @@
 
 use super::fedavg::add_scaled_sum;
 use crate::accumulator::Accumulator;
-use crate::rule::{ApplyContext, RuleError, ServerRule, ServerState};
+use crate::rule::{Aggregation, ApplyContext, RuleError, ServerRule, ServerState};
 
 /// FedCompass's server half.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -19,6 +19,10 @@ pub struct FedCompassServer;
 impl ServerRule for FedCompassServer {
     fn name(&self) -> &'static str {
         "fedcompass"
+    }
+
+    fn aggregation(&self) -> Aggregation {
+        Aggregation::WeightedSum
     }
 
     fn apply(

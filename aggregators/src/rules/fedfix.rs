@@ -9,7 +9,7 @@
 
 use super::fedavg::add_scaled_sum;
 use crate::accumulator::Accumulator;
-use crate::rule::{ApplyContext, RuleError, ServerRule, ServerState};
+use crate::rule::{Aggregation, ApplyContext, RuleError, ServerRule, ServerState};
 
 /// FedFix's weight `⌈compute / Δt⌉ · p_i`, with times in the same integer unit (`Δt > 0`).
 pub fn fedfix_weight(compute_time: u64, delta_t: u64, p_i: f64) -> f64 {
@@ -26,6 +26,10 @@ pub struct FedFixServer {
 impl ServerRule for FedFixServer {
     fn name(&self) -> &'static str {
         "fedfix"
+    }
+
+    fn aggregation(&self) -> Aggregation {
+        Aggregation::WeightedSum
     }
 
     fn apply(

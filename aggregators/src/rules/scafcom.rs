@@ -10,8 +10,8 @@
 use super::scaffold::{control_variate_step, corrected_local_run};
 use crate::accumulator::Accumulator;
 use crate::rule::{
-    ApplyContext, Broadcast, ClientRule, ClientState, LocalTask, RuleError, ServerRule, ServerState, Upload,
-    state_vector,
+    Aggregation, ApplyContext, Broadcast, ClientRule, ClientState, LocalTask, RuleError, ServerRule,
+    ServerState, Upload, state_vector,
 };
 use shoal_core::{Compressor, GradientOracle};
 
@@ -77,8 +77,8 @@ impl ServerRule for ScafcomServer {
         }
     }
 
-    fn uniform_weights_only(&self) -> bool {
-        true
+    fn aggregation(&self) -> Aggregation {
+        Aggregation::SynchronousMean
     }
 
     fn apply(&self, state: &mut ServerState, acc: &Accumulator, ctx: &ApplyContext) -> Result<(), RuleError> {

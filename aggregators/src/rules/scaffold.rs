@@ -14,8 +14,8 @@
 use super::fedavg::add_scaled_sum;
 use crate::accumulator::Accumulator;
 use crate::rule::{
-    ApplyContext, Broadcast, ClientRule, ClientState, LocalTask, RuleError, ServerRule, ServerState, Upload,
-    average_direction, local_steps, require, state_vector,
+    Aggregation, ApplyContext, Broadcast, ClientRule, ClientState, LocalTask, RuleError, ServerRule,
+    ServerState, Upload, average_direction, local_steps, require, state_vector,
 };
 use serde::{Deserialize, Serialize};
 use shoal_core::{Compressor, GradientOracle};
@@ -165,8 +165,8 @@ impl ServerRule for ScaffoldServer {
         ServerState::with_control_variate(x0)
     }
 
-    fn uniform_weights_only(&self) -> bool {
-        true
+    fn aggregation(&self) -> Aggregation {
+        Aggregation::SynchronousMean
     }
 
     fn apply(&self, state: &mut ServerState, acc: &Accumulator, ctx: &ApplyContext) -> Result<(), RuleError> {

@@ -16,8 +16,8 @@ use super::fedavg_m::{blend_momentum, global_direction_step};
 use super::scaffold::{Uplink, add_to_control_variate};
 use crate::accumulator::Accumulator;
 use crate::rule::{
-    ApplyContext, Broadcast, ClientRule, ClientState, LocalTask, RuleError, ServerRule, ServerState, Upload,
-    average_direction, local_steps, require, state_vector,
+    Aggregation, ApplyContext, Broadcast, ClientRule, ClientState, LocalTask, RuleError, ServerRule,
+    ServerState, Upload, average_direction, local_steps, require, state_vector,
 };
 use shoal_core::{Compressor, GradientOracle};
 
@@ -121,8 +121,8 @@ impl ServerRule for ScaffoldMomentumServer {
         }
     }
 
-    fn uniform_weights_only(&self) -> bool {
-        true
+    fn aggregation(&self) -> Aggregation {
+        Aggregation::SynchronousMean
     }
 
     fn apply(&self, state: &mut ServerState, acc: &Accumulator, ctx: &ApplyContext) -> Result<(), RuleError> {
