@@ -311,32 +311,43 @@ mod tests {
             assert_close(&folded(&updates), &folded(&shuffled));
         }
 
-        /// Any tree of partial accumulators (leaves fold eagerly, parents merge) equals folding
-        /// everything into one flat accumulator (lazily, after all arrived).
+        /// Any tree of partial accumulators — updates spread over the leaves at random, arriving in
+        /// a random order and folded eagerly as they come, leaves merged into middles and middles
+        /// into a top with a random fan-out — equals folding everything into one flat accumulator
+        /// lazily, after all arrived.
         #[test]
-        fn hierarchical_equals_flat(updates in arb_updates(), cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6)) {
+        fn hierarchical_eager_equals_flat_lazy(
+            updates in arb_updates(),
+            leaf_of in prop::collection::vec(0usize..7, 24),
+            leaves in 1usize..7,
+            fan_out in 2usize..4,
+            seed in any::<u64>(),
+        ) {
             let dim = updates[0].0.len();
-            let mut bounds: Vec<usize> = cuts.iter().map(|c| c.index(updates.len() + 1)).collect();
-            bounds.extend([0, updates.len()]);
-            bounds.sort_unstable();
-            bounds.dedup();
-            // Leaves: one per slice; middles: pairs of leaves; top: all middles.
-            let leaves: Vec<Accumulator> = bounds.windows(2).map(|w| {
-                let mut leaf = Accumulator::new(1, dim);
-                for (v, wt) in &updates[w[0]..w[1]] {
-                    leaf.fold(&[v], *wt).unwrap();
-                }
-                leaf
-            }).collect();
-            let mut top = Accumulator::new(1, dim);
-            for pair in leaves.chunks(2) {
-                let mut middle = Accumulator::new(1, dim);
-                for leaf in pair {
-                    middle.merge(leaf).unwrap();
-                }
-                top.merge(&middle).unwrap();
+            let mut arrivals: Vec<usize> = (0..updates.len()).collect();
+            let mut s = seed;
+            for i in (1..arrivals.len()).rev() {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                arrivals.swap(i, (s >> 33) as usize % (i + 1));
             }
-            assert_close(&top, &folded(&updates));
+            let mut level: Vec<Accumulator> = vec![Accumulator::new(1, dim); leaves];
+            for &k in &arrivals {
+                let (v, w) = &updates[k];
+                level[leaf_of[k] % leaves].fold(&[v], *w).unwrap();
+            }
+            while level.len() > 1 {
+                level = level
+                    .chunks(fan_out)
+                    .map(|children| {
+                        let mut parent = Accumulator::new(1, dim);
+                        for child in children {
+                            parent.merge(child).unwrap();
+                        }
+                        parent
+                    })
+                    .collect();
+            }
+            assert_close(&level[0], &folded(&updates));
         }
     }
 }
