@@ -1,5 +1,29 @@
-//! Codecs for everything a client or server sends (filled by the compression issue).
+//! Everything a client or server sends goes through this crate (ALGORITHMS.md §7, §8.0, §9, §10.1).
 //!
-//! This crate will hold the codec chain (top-k and rand-k sparsifiers; k-means, QSGD, sign and cast
-//! quantizers; Huffman, position and zstd encoders), FedZip, error feedback (EF, EF21), the 8-bit
-//! activation quantizer for split learning, and the self-describing, versioned payload format.
+//! - [`spec`]: the codec chain — `topk(0.2) | kmeans(3) | huffman | zstd(1)` — parsed from a string
+//!   or a TOML table; [`CodecSpec::fedzip`] is FedZip at its defaults.
+//! - [`sparsify`], [`quantize`], [`huffman`]: the stages — top-k and rand-k; k-means (official and
+//!   pinned-zero), QSGD, scaled sign, fp16/bf16/int8; canonical Huffman. Positions and gaps are
+//!   coded in [`tensor`] with the bit and varint I/O of [`bits`].
+//! - [`payload`]: the self-describing, versioned, checksummed payload, and its decoder that refuses
+//!   bad bytes with a [`DecodeError`] within caller-set [`DecodeLimits`].
+//! - [`feedback`]: classic error feedback and EF21 around any compressor.
+//! - [`activation`]: 8-bit affine quantisation of split-learning activations and gradients.
+//! - [`CodecCompressor`]: the core `Compressor` trait over a chain, for the client rules.
+
+pub mod activation;
+pub mod bits;
+mod compressor;
+mod error;
+pub mod feedback;
+pub mod huffman;
+pub mod payload;
+pub mod quantize;
+pub mod sparsify;
+pub mod spec;
+mod tensor;
+
+pub use compressor::CodecCompressor;
+pub use error::{CodecError, DecodeError};
+pub use payload::{DecodeLimits, PayloadInfo, decode, decode_into, encode};
+pub use spec::CodecSpec;
