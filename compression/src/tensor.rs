@@ -223,7 +223,7 @@ pub(crate) fn encode(
         (spec.sparsifier, spec.quantizer)
     };
     // Sparsify.
-    let (support, seeded, kept): (Option<Vec<u32>>, Option<(u32, u64)>, Vec<f32>) = match sparsifier {
+    let (support, seeded, kept) = match sparsifier {
         None => (None, None, values.to_vec()),
         Some(Sparsifier::TopK(z)) => {
             let idx = sparsify::top_k(values, sparsify::kept(len, z));
