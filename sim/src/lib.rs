@@ -7,5 +7,6 @@
 
 pub mod bench;
 pub mod central;
+pub mod codec_bench;
 pub mod datasets;
 pub mod fold_bench;

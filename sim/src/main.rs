@@ -15,6 +15,7 @@ use shoal_model::train::SgdConfig;
 use shoal_model::zoo::MODEL_NAMES;
 use shoal_sim::bench::{self, BenchConfig};
 use shoal_sim::central::{self, CentralConfig, CentralProgress, EpochRecord};
+use shoal_sim::codec_bench;
 use shoal_sim::datasets::{self, DatasetName};
 use shoal_sim::fold_bench;
 use std::path::PathBuf;
@@ -45,6 +46,38 @@ enum BenchSuite {
     Training(BenchArgs),
     /// Folding f32 updates into the aggregation accumulator (GB/s) against a memory copy.
     Fold(FoldArgs),
+    /// Every codec on a real MNIST update: compression ratio, encode/decode MB/s, L2 error.
+    Codecs(CodecsArgs),
+}
+
+#[derive(Args)]
+struct CodecsArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// Codec chains to measure, separated by `;` (default: a representative set, FedZip included).
+    #[arg(long, value_delimiter = ';')]
+    codecs: Vec<String>,
+    /// Model whose update is compressed.
+    #[arg(long, default_value = "cnn", value_parser = clap::builder::PossibleValuesParser::new(MODEL_NAMES))]
+    model: String,
+    /// Clients the training set is split into (IID); client 0 trains one local epoch.
+    #[arg(long, default_value_t = 100)]
+    clients: usize,
+    /// Local batch size.
+    #[arg(long, default_value_t = 10)]
+    batch_size: usize,
+    /// Local learning rate (plain SGD).
+    #[arg(long, default_value_t = 0.05)]
+    lr: f32,
+    /// Timed repetitions per codec (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Seed of the model, partition and batch order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write the figures as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -263,6 +296,41 @@ fn fold_cmd(args: FoldArgs) -> Result<()> {
     Ok(())
 }
 
+fn codecs_cmd(args: CodecsArgs) -> Result<()> {
+    let chains: Vec<String> = if args.codecs.is_empty() {
+        codec_bench::DEFAULT_CODECS
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    } else {
+        args.codecs
+    };
+    let specs = chains
+        .iter()
+        .map(|c| c.parse::<shoal_compression::CodecSpec>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading --codecs")?;
+    anyhow::ensure!(
+        args.clients >= 1 && args.batch_size >= 1,
+        "--clients and --batch-size must be positive"
+    );
+    let root = shoal_model::data::resolve_data_root(args.data.data_dir.as_deref())?;
+    let data = mnist::load(&root).context("loading MNIST for the benchmark")?;
+    let config = codec_bench::UpdateConfig {
+        model: args.model,
+        clients: args.clients,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        seed: args.seed,
+    };
+    let report = codec_bench::run(config, &data, &specs, args.reps)?;
+    print!("{}", codec_bench::render(&report));
+    if let Some(path) = args.json {
+        write_json(&path, &report)?;
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -275,5 +343,6 @@ fn main() -> Result<()> {
         Command::Central(args) => central_cmd(args),
         Command::Bench(BenchSuite::Training(args)) => bench_cmd(args),
         Command::Bench(BenchSuite::Fold(args)) => fold_cmd(args),
+        Command::Bench(BenchSuite::Codecs(args)) => codecs_cmd(args),
     }
 }

@@ -6,19 +6,10 @@ use shoal_model::data::mnist;
 use shoal_model::data::synthetic::{SyntheticConfig, generate};
 use shoal_model::train::SgdConfig;
 use shoal_sim::central::{CentralConfig, Quiet, run, write_outputs};
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
-/// `../shared/data` relative to the repository root, or a panic that says what is missing.
-fn shared_data() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data");
-    assert!(
-        root.join("mnist/train-images-idx3-ubyte.gz").is_file(),
-        "MNIST is missing: expected the IDX files under {} (the shared data folder beside the checkout)",
-        root.join("mnist").display()
-    );
-    root
-}
+use common::shared_data;
+use std::process::Command;
 
 fn config(model: &str, epochs: usize, lr: f32, max_train_samples: Option<usize>) -> CentralConfig {
     CentralConfig {
