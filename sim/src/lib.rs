@@ -10,3 +10,4 @@ pub mod central;
 pub mod codec_bench;
 pub mod datasets;
 pub mod fold_bench;
+pub mod traces;
