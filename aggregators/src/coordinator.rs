@@ -404,11 +404,6 @@ impl Core {
         }
     }
 
-    /// The seeded random source of the run.
-    pub fn rng(&mut self) -> &mut StdRng {
-        &mut self.rng
-    }
-
     /// Frees a client's running task as failed; returns its record.
     fn fail_running(&mut self, task: TaskId) -> Option<TaskRecord> {
         let record = self.running.remove(&task)?;

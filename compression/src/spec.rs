@@ -228,13 +228,9 @@ impl CodecSpec {
                 }
                 last_rank = Some(rank);
             }
-            let no_args = |spec: CodecSpec| {
-                if args.is_empty() {
-                    Ok(spec)
-                } else {
-                    Err(fail(format!("`{name}` takes no arguments")))
-                }
-            };
+            if !args.is_empty() && !matches!(name, "topk" | "randk" | "kmeans" | "qsgd" | "zstd") {
+                return Err(fail(format!("`{name}` takes no arguments")));
+            }
             match name {
                 "fedzip" => {
                     if last_rank.is_some() {
@@ -242,14 +238,10 @@ impl CodecSpec {
                             "`fedzip` is a whole chain; only `zstd(level)` may follow it".into(),
                         ));
                     }
-                    spec = no_args(CodecSpec::fedzip())?;
+                    spec = CodecSpec::fedzip();
                     last_rank = Some(2);
                 }
-                "identity" | "f32" => spec = no_args(spec)?,
-                "dense1d" => {
-                    spec = no_args(spec)?;
-                    spec.dense_1d = true;
-                }
+                "dense1d" => spec.dense_1d = true,
                 "topk" => spec.sparsifier = Some(Sparsifier::TopK(number(stage, &args).map_err(&fail)?)),
                 "randk" => spec.sparsifier = Some(Sparsifier::RandK(number(stage, &args).map_err(&fail)?)),
                 "kmeans" => {
@@ -267,56 +259,17 @@ impl CodecSpec {
                         levels: number(stage, &args).map_err(&fail)?,
                     })
                 }
-                "sign" => {
-                    spec = no_args(CodecSpec {
-                        quantizer: Some(Quantizer::Sign),
-                        ..spec
-                    })?
-                }
-                "fp16" => {
-                    spec = no_args(CodecSpec {
-                        quantizer: Some(Quantizer::Fp16),
-                        ..spec
-                    })?
-                }
-                "bf16" => {
-                    spec = no_args(CodecSpec {
-                        quantizer: Some(Quantizer::Bf16),
-                        ..spec
-                    })?
-                }
-                "int8" => {
-                    spec = no_args(CodecSpec {
-                        quantizer: Some(Quantizer::Int8),
-                        ..spec
-                    })?
-                }
-                "huffman" => {
-                    spec = no_args(CodecSpec {
-                        encoder: Encoder::Huffman,
-                        ..spec
-                    })?
-                }
-                "positions" => {
-                    spec = no_args(CodecSpec {
-                        encoder: Encoder::Positions,
-                        ..spec
-                    })?
-                }
-                "gaps" => {
-                    spec = no_args(CodecSpec {
-                        encoder: Encoder::Gaps,
-                        ..spec
-                    })?
-                }
-                "smallest" => {
-                    spec = no_args(CodecSpec {
-                        encoder: Encoder::Smallest,
-                        ..spec
-                    })?
-                }
+                "sign" => spec.quantizer = Some(Quantizer::Sign),
+                "fp16" => spec.quantizer = Some(Quantizer::Fp16),
+                "bf16" => spec.quantizer = Some(Quantizer::Bf16),
+                "int8" => spec.quantizer = Some(Quantizer::Int8),
+                "huffman" => spec.encoder = Encoder::Huffman,
+                "positions" => spec.encoder = Encoder::Positions,
+                "gaps" => spec.encoder = Encoder::Gaps,
+                "smallest" => spec.encoder = Encoder::Smallest,
                 "zstd" => spec.zstd = Some(number(stage, &args).map_err(&fail)?),
-                _ => unreachable!("names are matched above"),
+                // "identity" and "f32" add nothing; unknown names were refused above.
+                _ => {}
             }
         }
         spec.check(text)?;

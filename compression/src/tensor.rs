@@ -295,10 +295,12 @@ fn quantize_kept(
     kept: Vec<f32>,
     seed: u64,
 ) -> Coded {
-    let coded = |header, data| Coded {
+    let mut support = support;
+    // Each path builds one `Coded`, so the support moves in rather than being copied.
+    let mut coded = |header, data| Coded {
         len,
         fill: 0.0,
-        support: support.clone(),
+        support: support.take(),
         seeded,
         header,
         data,
@@ -355,8 +357,8 @@ fn quantize_kept(
             // FedZip's reference clusters every entry of the sparsified layer, zeros included, and
             // the dominant cluster becomes the fill.
             let mut dense = vec![0.0f32; len];
-            let positions: Vec<u32> = match (&support, seeded) {
-                (Some(idx), _) => idx.clone(),
+            let positions: Vec<u32> = match (&mut support, seeded) {
+                (Some(idx), _) => std::mem::take(idx),
                 (None, Some((count, seed))) => sparsify::rand_k(len, count as usize, seed),
                 (None, None) => (0..len as u32).collect(),
             };

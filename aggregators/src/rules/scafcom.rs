@@ -70,11 +70,7 @@ impl ServerRule for ScafcomServer {
     }
 
     fn init_state(&self, x0: Vec<f32>) -> ServerState {
-        let dim = x0.len();
-        ServerState {
-            c: Some(vec![0.0; dim]),
-            ..ServerState::new(x0)
-        }
+        ServerState::with_control_variate(x0)
     }
 
     fn aggregation(&self) -> Aggregation {

@@ -113,11 +113,11 @@ impl ServerRule for ScaffoldMomentumServer {
 
     fn init_state(&self, x0: Vec<f32>) -> ServerState {
         let dim = x0.len();
+        let x_prev = Some(x0.clone());
         ServerState {
-            c: Some(vec![0.0; dim]),
             g: Some(vec![0.0; dim]),
-            x_prev: Some(x0.clone()),
-            ..ServerState::new(x0)
+            x_prev,
+            ..ServerState::with_control_variate(x0)
         }
     }
 
