@@ -183,21 +183,33 @@ pub fn train_epoch(
     })
 }
 
-/// Accuracy and mean loss of `params` on the whole of `data`, in batches of `batch_size`.
+/// Accuracy and mean loss of `params` on the whole of `data`, in batches of `batch_size` evaluated
+/// in parallel (one workspace per thread); the per-batch results are summed in order, so the result
+/// does not depend on the number of threads.
 pub fn evaluate(
     model: &Model,
     params: &[f32],
     data: &Dataset,
     batch_size: usize,
 ) -> Result<Evaluation, ModelError> {
-    let mut ws: Workspace = model.workspace();
+    use rayon::prelude::*;
     let all: Vec<usize> = (0..data.len()).collect();
+    let per_batch = all
+        .par_chunks(batch_size.max(1))
+        .map_init(
+            || model.workspace(),
+            |ws: &mut Workspace, chunk| {
+                let (x, y) = data.batch(chunk);
+                model
+                    .evaluate_batch(params, x, &y, ws)
+                    .map(|stats| (f64::from(stats.mean_loss) * chunk.len() as f64, stats.correct))
+            },
+        )
+        .collect::<Result<Vec<_>, _>>()?;
     let (mut loss_sum, mut correct) = (0.0f64, 0usize);
-    for chunk in all.chunks(batch_size.max(1)) {
-        let (x, y) = data.batch(chunk);
-        let stats = model.evaluate_batch(params, x, &y, &mut ws)?;
-        loss_sum += f64::from(stats.mean_loss) * chunk.len() as f64;
-        correct += stats.correct;
+    for (loss, right) in per_batch {
+        loss_sum += loss;
+        correct += right;
     }
     let n = data.len().max(1) as f64;
     Ok(Evaluation {

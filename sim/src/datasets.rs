@@ -28,3 +28,12 @@ pub fn load(
         DatasetName::Synthetic => synthetic::generate(synthetic),
     }
 }
+
+/// The sample shape and class count of `name` without loading it (systems-only runs size the model
+/// from these).
+pub fn shape(name: DatasetName, synthetic: &SyntheticConfig) -> (Vec<usize>, usize) {
+    match name {
+        DatasetName::Mnist => (vec![mnist::ROWS, mnist::COLS, 1], 10),
+        DatasetName::Synthetic => (vec![synthetic.dim], synthetic.classes),
+    }
+}

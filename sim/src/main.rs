@@ -1,6 +1,10 @@
 //! `fl-sim`: Shoal's simulator and research command line.
 //!
 //! Subcommands:
+//! - `run FILE`: simulate one experiment (a fleet on a virtual clock, real training) and write
+//!   `metrics.jsonl`, `metrics.csv`, `summary.json` and SVG plots;
+//! - `compare A.toml B.toml …`: run several and draw them on the same plots, with a table;
+//! - `fleet FILE`: print what an experiment's fleet looks like;
 //! - `central`: train one model centrally on a whole dataset (the baseline federated runs are
 //!   compared against) and write `summary.json`, `epochs.jsonl` and `epochs.csv`;
 //! - `bench training`: training throughput of the model zoo on MNIST next to the machine's sgemm rate;
@@ -17,7 +21,9 @@ use shoal_sim::bench::{self, BenchConfig};
 use shoal_sim::central::{self, CentralConfig, CentralProgress, EpochRecord};
 use shoal_sim::codec_bench;
 use shoal_sim::datasets::{self, DatasetName};
+use shoal_sim::experiment::{self, ExperimentConfig, MetricRecord, RunOutput, RunProgress, Summary};
 use shoal_sim::fold_bench;
+use shoal_sim::report;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -33,6 +39,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Simulate one experiment file: a device fleet on a virtual clock with real training.
+    Run(RunArgs),
+    /// Run several experiment files and draw them on the same plots, with a table of summaries.
+    Compare(CompareArgs),
+    /// Print what an experiment's fleet looks like: devices, quantiles of speed and bandwidth,
+    /// availability.
+    Fleet(FleetArgs),
     /// Train a model centrally on the whole training set and report test accuracy per epoch.
     Central(CentralArgs),
     /// Benchmarks that print ratios against a baseline measured in the same run.
@@ -101,6 +114,40 @@ struct DataArgs {
     /// Folder holding `mnist/` with the original IDX files (e.g. ../shared/data).
     #[arg(long, env = DATA_DIR_ENV, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The experiment file (TOML; see examples/).
+    file: PathBuf,
+    /// Output directory (default: runs/<experiment name>).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// Experiment files, run one after the other.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Output directory: one sub-directory per experiment, the shared plots and the table.
+    #[arg(long, value_name = "DIR", default_value = "runs/compare")]
+    out: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Args)]
+struct FleetArgs {
+    /// The experiment file whose [fleet] to draw.
+    file: PathBuf,
+    /// Print the summary as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    data: DataArgs,
 }
 
 #[derive(Args)]
@@ -252,6 +299,143 @@ fn central_cmd(args: CentralArgs) -> Result<()> {
     Ok(())
 }
 
+/// A progress bar over versions (or virtual seconds), with the latest accuracy.
+struct RunBar {
+    bar: ProgressBar,
+    by_rounds: bool,
+    last: String,
+}
+
+impl RunBar {
+    fn new() -> Self {
+        Self {
+            bar: ProgressBar::hidden(),
+            by_rounds: true,
+            last: String::new(),
+        }
+    }
+}
+
+impl RunProgress for RunBar {
+    fn begin(&mut self, name: &str, rounds: Option<u64>, time_s: Option<f64>) {
+        let (len, unit) = match (rounds, time_s) {
+            (Some(r), _) => (r, "versions"),
+            (None, Some(t)) => (t.ceil() as u64, "virtual s"),
+            (None, None) => (0, "versions"),
+        };
+        self.by_rounds = rounds.is_some();
+        self.bar = ProgressBar::new(len);
+        self.bar.set_style(
+            ProgressStyle::with_template(&format!(
+                "{{prefix}} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} {unit} {{msg}}"
+            ))
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        self.bar.set_prefix(name.to_string());
+    }
+
+    fn aggregated(&mut self, version: u64, time_s: f64) {
+        self.bar
+            .set_position(if self.by_rounds { version } else { time_s as u64 });
+        self.bar
+            .set_message(format!("v{version} t={time_s:.0}s {}", self.last));
+    }
+
+    fn evaluated(&mut self, r: &MetricRecord) {
+        if let Some(a) = r.accuracy {
+            self.last = format!("acc {a:.4}");
+        }
+        self.bar.set_message(format!(
+            "v{} t={:.0}s {} ↑{:.1} MB",
+            r.version,
+            r.time_s,
+            self.last,
+            r.bytes_up as f64 / 1e6
+        ));
+    }
+
+    fn end(&mut self, _: &Summary) {
+        self.bar.finish_and_clear();
+    }
+}
+
+fn print_summary(s: &Summary, dir: &std::path::Path) {
+    let acc = |v: Option<f64>| v.map_or_else(|| "—".to_string(), |a| format!("{a:.4}"));
+    println!(
+        "{}: {} versions in {:.1} virtual s ({:.1} s wall; {}); final accuracy {}, best {}; {:.1} MB up, {:.1} MB down",
+        s.name,
+        s.rounds,
+        s.virtual_time_s,
+        s.wall_time_s,
+        s.stopped_because,
+        acc(s.final_accuracy),
+        acc(s.best_accuracy),
+        s.bytes_up as f64 / 1e6,
+        s.bytes_down as f64 / 1e6
+    );
+    if let Some(t) = s.target_accuracy {
+        match (s.rounds_to_target, s.time_to_target_s) {
+            (Some(r), Some(time)) => println!("  target {t}: reached at version {r}, {time:.1} virtual s"),
+            _ => println!("  target {t}: not reached"),
+        }
+    }
+    println!(
+        "  {} events, {:.0} events/s; wrote {}",
+        s.engine.events,
+        s.events_per_s,
+        dir.display()
+    );
+}
+
+fn run_one(
+    file: &std::path::Path,
+    out: Option<PathBuf>,
+    data_dir: Option<&std::path::Path>,
+) -> Result<(RunOutput, PathBuf)> {
+    let config = ExperimentConfig::load(file)?;
+    let dir = out.unwrap_or_else(|| PathBuf::from("runs").join(config.display_name()));
+    let output = experiment::run(&config, data_dir, &mut RunBar::new())
+        .with_context(|| format!("running {}", file.display()))?;
+    report::write_run(&dir, &output)?;
+    print_summary(&output.summary, &dir);
+    Ok((output, dir))
+}
+
+fn run_cmd(args: RunArgs) -> Result<()> {
+    run_one(&args.file, args.out, args.data.data_dir.as_deref()).map(|_| ())
+}
+
+fn compare_cmd(args: CompareArgs) -> Result<()> {
+    let mut runs = Vec::with_capacity(args.files.len());
+    let mut names = std::collections::BTreeSet::new();
+    for file in &args.files {
+        let name = ExperimentConfig::load(file)?.display_name().to_string();
+        anyhow::ensure!(
+            names.insert(name.clone()),
+            "two experiments are named `{name}`; give each a distinct `name`"
+        );
+        let (output, _) = run_one(file, Some(args.out.join(&name)), args.data.data_dir.as_deref())?;
+        runs.push(output);
+    }
+    let refs: Vec<&RunOutput> = runs.iter().collect();
+    report::write_comparison(&args.out, &refs)?;
+    let summaries: Vec<&Summary> = runs.iter().map(|r| &r.summary).collect();
+    print!("{}", report::comparison_table(&summaries));
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn fleet_cmd(args: FleetArgs) -> Result<()> {
+    let config = ExperimentConfig::load(&args.file)?;
+    let summary = config.fleet_summary(args.data.data_dir.as_deref())?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!("{}", summary);
+    }
+    Ok(())
+}
+
 /// Writes a benchmark report as pretty JSON.
 fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<()> {
     std::fs::write(path, serde_json::to_string_pretty(value)? + "\n")
@@ -340,6 +524,9 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Run(args) => run_cmd(args),
+        Command::Compare(args) => compare_cmd(args),
+        Command::Fleet(args) => fleet_cmd(args),
         Command::Central(args) => central_cmd(args),
         Command::Bench(BenchSuite::Training(args)) => bench_cmd(args),
         Command::Bench(BenchSuite::Fold(args)) => fold_cmd(args),

@@ -157,21 +157,22 @@ impl BandwidthTrace {
         self.bytes_per_s[i.saturating_sub(1)]
     }
 
-    /// Mean throughput over one period, weighting each sample by how long it holds.
-    pub fn mean_bytes_per_s(&self) -> f64 {
+    /// Bytes one period carries, following [`BandwidthTrace::at`] (the first sample also holds
+    /// before its own time).
+    pub fn bytes_per_period(&self) -> f64 {
         let period = self.period_s();
-        let mut total = 0.0;
+        let mut total = self.bytes_per_s[0] * self.times_s[0].min(period);
         for (k, &rate) in self.bytes_per_s.iter().enumerate() {
-            let start = self.times_s[k];
-            let end = self.times_s.get(k + 1).copied().unwrap_or(period).max(start);
-            total += rate * (end - start);
+            let start = self.times_s[k].min(period);
+            let end = self.times_s.get(k + 1).copied().unwrap_or(period).min(period);
+            total += rate * (end - start).max(0.0);
         }
-        let covered = period - self.times_s[0];
-        if covered > 0.0 {
-            total / covered
-        } else {
-            self.bytes_per_s[0]
-        }
+        total
+    }
+
+    /// Mean throughput over one period, bytes per second.
+    pub fn mean_bytes_per_s(&self) -> f64 {
+        self.bytes_per_period() / self.period_s()
     }
 }
 

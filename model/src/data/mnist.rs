@@ -10,6 +10,10 @@ use flate2::read::GzDecoder;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+/// Image height.
+pub const ROWS: usize = 28;
+/// Image width.
+pub const COLS: usize = 28;
 const IMAGES_MAGIC: u32 = 0x0000_0803;
 const LABELS_MAGIC: u32 = 0x0000_0801;
 /// Mean pixel intensity of the MNIST training set, after scaling to [0, 1].

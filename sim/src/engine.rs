@@ -1,0 +1,627 @@
+//! The discrete-event engine: the sans-IO Coordinator driven by a virtual clock and a fleet.
+//!
+//! One queue holds every pending happening, ordered by virtual time, then class (device events
+//! before the Coordinator's timers at the same instant, the Coordinator's convention), then the
+//! order in which they were scheduled — so a run is a pure function of its configuration and seed.
+//!
+//! A task given to device `d` at `t` goes through three phases, each an event:
+//! `Downloaded` after `download bytes / downlink(t)`, `Trained` after
+//! `local steps × step time × jitter`, `Uploaded` after `upload bytes / uplink(t')` where the upload
+//! bytes are the real encoded size of what the device computed. Devices go on and off line with
+//! their availability windows (a task running when its device goes offline is lost), and a task is
+//! lost with the device's dropout probability before its upload starts.
+//!
+//! What a task computes is the [`Workload`]'s business: real training (`training`), or nothing but
+//! sizes (`systems`). The engine asks for a task's result only when its `Trained` event comes, so a
+//! workload may compute every task started so far in parallel at that moment without changing the
+//! outcome: each task's result depends only on what it started from and its own seed.
+
+use crate::fleet::Fleet;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use rand_distr::{Distribution, LogNormal};
+use shoal_aggregators::{Command, ConfigError, Coordinator, CoordinatorError, Event, RuleError};
+use shoal_compression::{CodecError, DecodeError};
+use shoal_core::{ClientId, CompressError, ModelVersion, TaskId, Timestamp, UpdateMeta, micros_from_secs};
+use shoal_model::ModelError;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use thiserror::Error;
+
+/// Why a simulation stopped with an error.
+#[derive(Debug, Error)]
+pub enum SimError {
+    /// The Coordinator refused an event (a bug in the driver, reported rather than hidden).
+    #[error("coordinator: {0}")]
+    Coordinator(#[from] CoordinatorError),
+    /// A client or server rule failed.
+    #[error("rule: {0}")]
+    Rule(#[from] RuleError),
+    /// Encoding or decoding an upload failed.
+    #[error("codec: {0}")]
+    Codec(#[from] CodecError),
+    /// The server could not decode an upload.
+    #[error("decoding an upload: {0}")]
+    Decode(#[from] DecodeError),
+    /// A compressor failed.
+    #[error("compression: {0}")]
+    Compress(#[from] CompressError),
+    /// The model failed (evaluation).
+    #[error("model: {0}")]
+    Model(#[from] ModelError),
+    /// The `[algorithm]` table cannot run.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// A task the workload does not know.
+    #[error("the workload has no {0}")]
+    UnknownTask(TaskId),
+}
+
+/// What a workload reports when a task's local work is done.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Finished {
+    /// Bytes of the encoded upload.
+    pub upload_bytes: u64,
+    /// Mean local training loss (0 when nothing is trained).
+    pub loss: f32,
+}
+
+/// What the devices compute and what the server does with it.
+pub trait Workload {
+    /// Bytes a device downloads to start a task on the current version.
+    fn download_bytes(&self) -> u64;
+    /// Device `client` starts `task` on the current global state.
+    fn start(&mut self, task: TaskId, client: usize, local_steps: u32) -> Result<(), SimError>;
+    /// The task's local work is done: its upload size and loss.
+    fn finish(&mut self, task: TaskId) -> Result<Finished, SimError>;
+    /// The task's upload reached the server and was accepted.
+    fn delivered(&mut self, task: TaskId) -> Result<(), SimError>;
+    /// The task is gone (cancelled, failed, lost, or its update discarded).
+    fn forget(&mut self, task: TaskId);
+    /// Folds the task's update with `weight`.
+    fn fold(&mut self, task: TaskId, weight: f64) -> Result<(), SimError>;
+    /// Applies what was folded: a new global version.
+    fn aggregate(&mut self, num_clients: usize) -> Result<(), SimError>;
+}
+
+/// Counters of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EngineStats {
+    /// Happenings processed.
+    pub events: u64,
+    /// Bytes downloaded by devices (models and broadcast vectors).
+    pub bytes_down: u64,
+    /// Bytes uploaded by devices.
+    pub bytes_up: u64,
+    /// Tasks given out.
+    pub tasks_started: u64,
+    /// Updates that reached the server.
+    pub tasks_delivered: u64,
+    /// Tasks lost to dropout.
+    pub tasks_dropped: u64,
+    /// Tasks lost because their device went offline.
+    pub tasks_lost_offline: u64,
+    /// Tasks cancelled by the scheduler.
+    pub tasks_cancelled: u64,
+    /// Updates folded.
+    pub folds: u64,
+    /// Updates discarded.
+    pub discards: u64,
+    /// Global versions produced.
+    pub aggregations: u64,
+}
+
+/// One aggregation: the new version and what went into it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Aggregated {
+    /// The new version.
+    pub version: ModelVersion,
+    /// When.
+    pub time: Timestamp,
+    /// Updates folded into it.
+    pub updates: usize,
+    /// Mean staleness of those updates.
+    pub staleness_mean: f64,
+    /// Largest staleness among them.
+    pub staleness_max: u64,
+    /// Mean local training loss reported with them.
+    pub client_loss: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Happening {
+    Online(u32),
+    Offline(u32),
+    Downloaded(TaskId),
+    Trained(TaskId),
+    Uploaded(TaskId),
+    Wake,
+}
+
+impl Happening {
+    /// Device and task events come before the Coordinator's timers at the same instant.
+    fn class(self) -> u8 {
+        match self {
+            Happening::Wake => 1,
+            _ => 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct TaskRun {
+    device: u32,
+    version: ModelVersion,
+    local_steps: u32,
+    started: Timestamp,
+    drops: bool,
+    jitter: f64,
+    loss: f32,
+    upload_bytes: u64,
+}
+
+/// A seed for anything random about one task, from the run seed and the task id.
+pub(crate) fn task_seed(seed: u64, task: TaskId) -> u64 {
+    // SplitMix64 finaliser: neighbouring task ids get unrelated seeds.
+    let mut z = seed ^ task.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The engine over a fleet and a workload.
+pub struct Engine<W> {
+    coordinator: Coordinator,
+    fleet: Fleet,
+    workload: W,
+    samples: Vec<u64>,
+    seed: u64,
+    queue: BinaryHeap<Reverse<(Timestamp, u8, u64, Happening)>>,
+    seq: u64,
+    now: Timestamp,
+    tasks: HashMap<TaskId, TaskRun>,
+    device_task: Vec<Option<TaskId>>,
+    registered: Vec<bool>,
+    stats: EngineStats,
+    ready: VecDeque<Aggregated>,
+    fold_staleness: Vec<u64>,
+    fold_losses: Vec<f64>,
+    losses: HashMap<TaskId, f32>,
+}
+
+impl<W: Workload> Engine<W> {
+    /// An engine in which device `i` holds `samples[i]` training samples. Devices online at time 0
+    /// join then; the others when their window opens.
+    pub fn new(
+        coordinator: Coordinator,
+        fleet: Fleet,
+        samples: Vec<u64>,
+        workload: W,
+        seed: u64,
+    ) -> Result<Self, SimError> {
+        let n = fleet.devices.len();
+        let mut engine = Self {
+            coordinator,
+            fleet,
+            workload,
+            samples,
+            seed,
+            queue: BinaryHeap::new(),
+            seq: 0,
+            now: Timestamp::ZERO,
+            tasks: HashMap::new(),
+            device_task: vec![None; n],
+            registered: vec![false; n],
+            stats: EngineStats::default(),
+            ready: VecDeque::new(),
+            fold_staleness: Vec::new(),
+            fold_losses: Vec::new(),
+            losses: HashMap::new(),
+        };
+        for i in 0..n {
+            let availability = engine.fleet.devices[i].availability;
+            if availability.online_at(0.0) {
+                engine.push(Timestamp::ZERO, Happening::Online(i as u32));
+            } else if let Some(t) = availability.next_window_start(0.0) {
+                engine.push(Timestamp::from_secs_f64(t), Happening::Online(i as u32));
+            }
+        }
+        Ok(engine)
+    }
+
+    /// A virtual time from seconds, strictly after now.
+    fn later(&self, t_s: f64) -> Timestamp {
+        Timestamp::from_secs_f64(t_s).max(self.now.after_micros(1))
+    }
+
+    fn push(&mut self, at: Timestamp, happening: Happening) {
+        self.seq += 1;
+        self.queue
+            .push(Reverse((at, happening.class(), self.seq, happening)));
+    }
+
+    /// The virtual clock.
+    pub fn now(&self) -> Timestamp {
+        self.now
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    /// The workload (to evaluate the model, for instance).
+    pub fn workload(&self) -> &W {
+        &self.workload
+    }
+
+    /// The Coordinator.
+    pub fn coordinator(&self) -> &Coordinator {
+        &self.coordinator
+    }
+
+    /// The fleet.
+    pub fn fleet(&self) -> &Fleet {
+        &self.fleet
+    }
+
+    /// Runs until the next aggregation and returns it, or `None` when virtual time would pass
+    /// `until` or nothing is left to happen.
+    pub fn next_aggregation(&mut self, until: Timestamp) -> Result<Option<Aggregated>, SimError> {
+        loop {
+            if let Some(done) = self.ready.pop_front() {
+                return Ok(Some(done));
+            }
+            let Some(&Reverse((at, _, _, _))) = self.queue.peek() else {
+                return Ok(None);
+            };
+            if at > until {
+                self.now = self.now.max(until);
+                return Ok(None);
+            }
+            let Some(Reverse((at, _, _, happening))) = self.queue.pop() else {
+                return Ok(None);
+            };
+            self.now = at;
+            self.stats.events += 1;
+            self.happen(happening)?;
+        }
+    }
+
+    fn happen(&mut self, happening: Happening) -> Result<(), SimError> {
+        match happening {
+            Happening::Online(d) => {
+                let i = d as usize;
+                if let Some(t) = self.fleet.devices[i]
+                    .availability
+                    .window_end(self.now.as_secs_f64())
+                {
+                    let t = self.later(t);
+                    self.push(t, Happening::Offline(d));
+                }
+                if !self.registered[i] {
+                    self.registered[i] = true;
+                    self.deliver(Event::Joined {
+                        client: ClientId(u64::from(d)),
+                        num_samples: self.samples[i],
+                    })?;
+                }
+            }
+            Happening::Offline(d) => {
+                let i = d as usize;
+                if let Some(t) = self.fleet.devices[i]
+                    .availability
+                    .next_window_start(self.now.as_secs_f64())
+                {
+                    let t = self.later(t);
+                    self.push(t, Happening::Online(d));
+                }
+                if let Some(task) = self.device_task[i].take() {
+                    self.tasks.remove(&task);
+                    self.workload.forget(task);
+                    self.stats.tasks_lost_offline += 1;
+                }
+                if self.registered[i] {
+                    self.registered[i] = false;
+                    self.deliver(Event::Left {
+                        client: ClientId(u64::from(d)),
+                    })?;
+                }
+            }
+            Happening::Downloaded(task) => {
+                let Some(run) = self.tasks.get(&task).copied() else {
+                    return Ok(());
+                };
+                self.stats.bytes_down += self.workload.download_bytes();
+                let step = self.fleet.devices[run.device as usize].step_time_s;
+                let compute = f64::from(run.local_steps) * step * run.jitter;
+                self.push(
+                    self.now.after_micros(micros_from_secs(compute)),
+                    Happening::Trained(task),
+                );
+            }
+            Happening::Trained(task) => {
+                let Some(run) = self.tasks.get(&task).copied() else {
+                    return Ok(());
+                };
+                if run.drops {
+                    self.end_task(task);
+                    self.stats.tasks_dropped += 1;
+                    return self.deliver(Event::TaskFailed { task });
+                }
+                let finished = self.workload.finish(task)?;
+                if let Some(r) = self.tasks.get_mut(&task) {
+                    r.loss = finished.loss;
+                    r.upload_bytes = finished.upload_bytes;
+                }
+                let up = &self.fleet.devices[run.device as usize].up;
+                let seconds = up.transfer_s(self.now.as_secs_f64(), finished.upload_bytes);
+                self.push(
+                    self.now.after_micros(micros_from_secs(seconds)),
+                    Happening::Uploaded(task),
+                );
+            }
+            Happening::Uploaded(task) => {
+                let Some(run) = self.end_task(task) else {
+                    return Ok(());
+                };
+                self.stats.bytes_up += run.upload_bytes;
+                self.stats.tasks_delivered += 1;
+                self.workload.delivered(task)?;
+                self.losses.insert(task, run.loss);
+                self.deliver(Event::UpdateArrived(UpdateMeta {
+                    client: ClientId(u64::from(run.device)),
+                    task,
+                    base_version: run.version,
+                    num_samples: self.samples[run.device as usize],
+                    local_steps: run.local_steps,
+                    loss: run.loss,
+                    duration_s: self.now.micros_since(run.started) as f64 * 1e-6,
+                }))?;
+            }
+            Happening::Wake => self.deliver(Event::Timer)?,
+        }
+        Ok(())
+    }
+
+    /// Forgets a task's run and frees its device.
+    fn end_task(&mut self, task: TaskId) -> Option<TaskRun> {
+        let run = self.tasks.remove(&task)?;
+        let slot = &mut self.device_task[run.device as usize];
+        if *slot == Some(task) {
+            *slot = None;
+        }
+        Some(run)
+    }
+
+    fn deliver(&mut self, event: Event) -> Result<(), SimError> {
+        let commands = self.coordinator.handle(self.now, event)?;
+        for command in commands {
+            self.carry_out(command)?;
+        }
+        Ok(())
+    }
+
+    fn carry_out(&mut self, command: Command) -> Result<(), SimError> {
+        match command {
+            Command::Train {
+                client,
+                task,
+                version,
+                local_steps,
+            } => {
+                let device = client.0 as u32;
+                let profile = &self.fleet.devices[device as usize];
+                let mut rng = StdRng::seed_from_u64(task_seed(self.seed, task));
+                let drops = profile.dropout > 0.0 && rng.random::<f64>() < profile.dropout;
+                let jitter = if self.fleet.jitter > 0.0 {
+                    LogNormal::new(0.0, self.fleet.jitter).map_or(1.0, |d| d.sample(&mut rng))
+                } else {
+                    1.0
+                };
+                let seconds = profile
+                    .down
+                    .transfer_s(self.now.as_secs_f64(), self.workload.download_bytes());
+                self.workload.start(task, device as usize, local_steps)?;
+                self.tasks.insert(
+                    task,
+                    TaskRun {
+                        device,
+                        version,
+                        local_steps,
+                        started: self.now,
+                        drops,
+                        jitter,
+                        loss: 0.0,
+                        upload_bytes: 0,
+                    },
+                );
+                self.device_task[device as usize] = Some(task);
+                self.stats.tasks_started += 1;
+                self.push(
+                    self.now.after_micros(micros_from_secs(seconds)),
+                    Happening::Downloaded(task),
+                );
+            }
+            Command::Fold {
+                task,
+                weight,
+                staleness,
+                ..
+            } => {
+                self.workload.fold(task, weight)?;
+                self.workload.forget(task);
+                self.stats.folds += 1;
+                self.fold_staleness.push(staleness);
+                if let Some(loss) = self.losses.remove(&task) {
+                    self.fold_losses.push(f64::from(loss));
+                }
+            }
+            Command::Discard { task, .. } => {
+                self.workload.forget(task);
+                self.losses.remove(&task);
+                self.stats.discards += 1;
+            }
+            Command::Aggregate {
+                version,
+                updates,
+                num_clients,
+            } => {
+                self.workload.aggregate(num_clients)?;
+                self.stats.aggregations += 1;
+                let n = self.fold_staleness.len().max(1) as f64;
+                let losses = self.fold_losses.len().max(1) as f64;
+                self.ready.push_back(Aggregated {
+                    version,
+                    time: self.now,
+                    updates,
+                    staleness_mean: self.fold_staleness.iter().sum::<u64>() as f64 / n,
+                    staleness_max: self.fold_staleness.iter().copied().max().unwrap_or(0),
+                    client_loss: self.fold_losses.iter().sum::<f64>() / losses,
+                });
+                self.fold_staleness.clear();
+                self.fold_losses.clear();
+            }
+            Command::WakeAt(at) => self.push(at, Happening::Wake),
+            Command::Cancel { task, .. } => {
+                if self.end_task(task).is_some() {
+                    self.workload.forget(task);
+                    self.stats.tasks_cancelled += 1;
+                }
+            }
+            Command::Evict { client, .. } => {
+                // It may come back when its device next goes online.
+                if let Some(r) = self.registered.get_mut(client.0 as usize) {
+                    *r = false;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::{ComputeSpec, FleetConfig, LinkSpec};
+    use shoal_aggregators::schedulers::sync::SyncConfig;
+    use shoal_aggregators::{AlgorithmConfig, RuleConfig, SchedulerConfig};
+
+    /// Fixed sizes, nothing computed: counts what the engine asks for.
+    #[derive(Default)]
+    struct Counting {
+        started: u64,
+        folded: u64,
+        forgotten: u64,
+    }
+
+    impl Workload for Counting {
+        fn download_bytes(&self) -> u64 {
+            1_000_000
+        }
+        fn start(&mut self, _: TaskId, _: usize, _: u32) -> Result<(), SimError> {
+            self.started += 1;
+            Ok(())
+        }
+        fn finish(&mut self, _: TaskId) -> Result<Finished, SimError> {
+            Ok(Finished {
+                upload_bytes: 250_000,
+                loss: 1.0,
+            })
+        }
+        fn delivered(&mut self, _: TaskId) -> Result<(), SimError> {
+            Ok(())
+        }
+        fn forget(&mut self, _: TaskId) {
+            self.forgotten += 1;
+        }
+        fn fold(&mut self, _: TaskId, _: f64) -> Result<(), SimError> {
+            self.folded += 1;
+            Ok(())
+        }
+        fn aggregate(&mut self, _: usize) -> Result<(), SimError> {
+            Ok(())
+        }
+    }
+
+    fn sync_fedavg(clients: usize) -> Coordinator {
+        let cfg = AlgorithmConfig::new(
+            RuleConfig::FedAvg { server_lr: 1.0 },
+            SchedulerConfig::Sync(SyncConfig {
+                clients_per_round: Some(clients),
+                ..SyncConfig::default()
+            }),
+        );
+        cfg.build(0).unwrap().1
+    }
+
+    #[test]
+    fn a_synchronous_round_lasts_as_long_as_its_slowest_device() {
+        // 1 MB down at 8 Mbit/s = 1 s; 10 steps × step time; 0.25 MB up at 2 Mbit/s = 1 s.
+        let cfg = FleetConfig {
+            compute: ComputeSpec::Fedfix { x: 50.0 },
+            down: LinkSpec::Constant { mbit_s: 8.0 },
+            up: LinkSpec::Constant { mbit_s: 2.0 },
+            ..FleetConfig::default()
+        };
+        let fleet = cfg.build(3, 0.1, None, 0).unwrap();
+        let mut engine = Engine::new(sync_fedavg(3), fleet, vec![10; 3], Counting::default(), 1).unwrap();
+        let first = engine
+            .next_aggregation(Timestamp::from_secs_f64(100.0))
+            .unwrap()
+            .unwrap();
+        // Slowest device: 0.1 s per step × 10 steps (the default local_steps).
+        assert_eq!(first.time, Timestamp::from_secs_f64(1.0 + 1.0 + 1.0));
+        assert_eq!(first.updates, 3);
+        assert_eq!(first.staleness_max, 0);
+        let second = engine
+            .next_aggregation(Timestamp::from_secs_f64(100.0))
+            .unwrap()
+            .unwrap();
+        assert_eq!(second.time, Timestamp::from_secs_f64(6.0));
+        let s = engine.stats();
+        assert_eq!((s.bytes_down, s.bytes_up), (6_000_000, 1_500_000));
+        assert_eq!(engine.workload().folded, 6);
+    }
+
+    #[test]
+    fn dropouts_fail_tasks_and_nothing_is_folded_twice() {
+        let cfg = FleetConfig {
+            compute: ComputeSpec::Lognormal { sigma: 0.5 },
+            dropout: 0.3,
+            jitter: 0.2,
+            ..FleetConfig::default()
+        };
+        let fleet = cfg.build(20, 0.01, None, 3).unwrap();
+        let coordinator = {
+            let cfg = AlgorithmConfig {
+                evict_after_failures: 0,
+                ..AlgorithmConfig::new(
+                    RuleConfig::FedAvg { server_lr: 1.0 },
+                    SchedulerConfig::Sync(SyncConfig {
+                        clients_per_round: Some(5),
+                        ..SyncConfig::default()
+                    }),
+                )
+            };
+            cfg.build(0).unwrap().1
+        };
+        let mut engine = Engine::new(coordinator, fleet, vec![10; 20], Counting::default(), 9).unwrap();
+        let mut rounds = 0;
+        while let Some(a) = engine.next_aggregation(Timestamp::from_secs_f64(1e6)).unwrap() {
+            assert!(a.updates >= 1);
+            rounds += 1;
+            if rounds == 50 {
+                break;
+            }
+        }
+        let s = engine.stats();
+        assert_eq!(rounds, 50);
+        assert!(s.tasks_dropped > 0, "{s:?}");
+        assert_eq!(
+            s.folds + s.discards,
+            s.tasks_delivered - engine.coordinator().held_updates() as u64
+        );
+        assert_eq!(engine.workload().folded, s.folds);
+    }
+}

@@ -1,0 +1,618 @@
+//! Experiments: one TOML file describes a run (dataset, partition, model, `[algorithm]`, codec,
+//! `[fleet]`, stopping rule, evaluation, seed); [`run`] carries it out on the engine and returns
+//! the per-evaluation metrics and the summary that `fl-sim run` writes.
+//!
+//! A file may start from another with `extends = "base.toml"` (a path relative to the file): tables
+//! merge key by key, anything else in the extending file replaces the base's value. A family of
+//! experiments then shares one base and differs only where it says so.
+
+use crate::datasets::{self, DatasetName};
+use crate::engine::{Engine, EngineStats, SimError};
+use crate::fleet::{FleetConfig, FleetSummary};
+use crate::training::{SystemsWorkload, TrainingSetup, TrainingWorkload};
+use anyhow::{Context, Result, bail, ensure};
+use serde::{Deserialize, Serialize};
+use shoal_aggregators::AlgorithmConfig;
+use shoal_compression::CodecSpec;
+use shoal_core::Timestamp;
+use shoal_model::data::partition::PartitionSpec;
+use shoal_model::data::resolve_data_root;
+use shoal_model::data::synthetic::SyntheticConfig;
+use shoal_model::{Model, zoo};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Whether devices really train.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Real training on real data; accuracy and bytes are measured.
+    #[default]
+    Training,
+    /// Sizes and times only, for fleets of 10⁵–10⁶ devices: no data, no training, no accuracy.
+    SystemsOnly,
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// `mnist` or `synthetic`.
+    pub dataset: DatasetName,
+    /// Data root holding `mnist/` and `device_traces/` (else `--data-dir` or `$SHOAL_DATA`).
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+    /// How the training set is split across clients; omitted for `synthetic`, whose generated
+    /// clients are the split.
+    #[serde(default)]
+    pub partition: Option<PartitionSpec>,
+    /// Parameters of the synthetic dataset.
+    #[serde(default)]
+    pub synthetic: SyntheticConfig,
+}
+
+fn default_batch_size() -> usize {
+    10
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Zoo name: `logreg`, `mlp` (the FedAvg paper's 2NN), `cnn`, `lenet5`.
+    pub name: String,
+    /// Local minibatch size B.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+}
+
+/// `[stop]`: the run ends at whichever comes first.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopConfig {
+    /// Global versions to produce.
+    #[serde(default)]
+    pub rounds: Option<u64>,
+    /// Virtual seconds to simulate.
+    #[serde(default)]
+    pub time_s: Option<f64>,
+    /// Test accuracy (0–1) at which the run stops; `rounds_to_target` and `time_to_target_s` are
+    /// reported against it.
+    #[serde(default)]
+    pub target_accuracy: Option<f64>,
+}
+
+fn default_every() -> u64 {
+    1
+}
+fn default_eval_batch() -> usize {
+    1000
+}
+
+/// `[eval]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Evaluate the global model on the test set every this many versions (and at the end).
+    #[serde(default = "default_every")]
+    pub every: u64,
+    /// Evaluation batch size.
+    #[serde(default = "default_eval_batch")]
+    pub batch_size: usize,
+    /// Evaluate on the first N test samples only (all when absent).
+    #[serde(default)]
+    pub test_samples: Option<usize>,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            every: default_every(),
+            batch_size: default_eval_batch(),
+            test_samples: None,
+        }
+    }
+}
+
+/// One experiment file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// Name in reports (default: the file's stem).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Seed of every random choice: data split, initial model, fleet, sampling, minibatches.
+    #[serde(default)]
+    pub seed: u64,
+    /// `training` (default) or `systems-only`.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Dataset and split.
+    pub data: DataConfig,
+    /// Network and minibatch size.
+    pub model: ModelConfig,
+    /// Rule, scheduler, local work — the same table fl-server reads.
+    pub algorithm: AlgorithmConfig,
+    /// Upload codec chain (default: dense f32).
+    #[serde(default = "CodecSpec::identity")]
+    pub codec: CodecSpec,
+    /// The devices.
+    #[serde(default)]
+    pub fleet: FleetConfig,
+    /// When to stop.
+    #[serde(default)]
+    pub stop: StopConfig,
+    /// When and how to evaluate.
+    #[serde(default)]
+    pub eval: EvalConfig,
+}
+
+/// Merges `over` into `base`: tables key by key, everything else replaced.
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+fn load_value(path: &Path, depth: usize) -> Result<toml::Value> {
+    ensure!(
+        depth < 8,
+        "{}: `extends` chains deeper than 8 files",
+        path.display()
+    );
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut value: toml::Value =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let base = match value.as_table_mut().and_then(|t| t.remove("extends")) {
+        None => return Ok(value),
+        Some(toml::Value::String(base)) => base,
+        Some(other) => bail!("{}: `extends` must be a path, got {other}", path.display()),
+    };
+    let base_path = path.parent().unwrap_or(Path::new(".")).join(base);
+    let mut merged = load_value(&base_path, depth + 1)
+        .with_context(|| format!("{} extends {}", path.display(), base_path.display()))?;
+    merge(&mut merged, value);
+    Ok(merged)
+}
+
+impl ExperimentConfig {
+    /// Reads an experiment file (following `extends`); the name defaults to the file's stem.
+    pub fn load(path: &Path) -> Result<Self> {
+        let value = load_value(path, 0)?;
+        let mut config: Self = value
+            .try_into()
+            .with_context(|| format!("{} is not a valid experiment", path.display()))?;
+        if config.name.is_none() {
+            config.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+        }
+        config.validate().with_context(|| format!("{}", path.display()))?;
+        Ok(config)
+    }
+
+    /// The name used in reports.
+    pub fn display_name(&self) -> &str {
+        self.name.as_deref().unwrap_or("experiment")
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.stop.rounds.is_some() || self.stop.time_s.is_some(),
+            "[stop] needs `rounds` or `time_s` (a target accuracy alone may never be reached)"
+        );
+        if let Some(t) = self.stop.time_s {
+            ensure!(
+                t.is_finite() && t > 0.0,
+                "[stop] time_s must be positive, got {t}"
+            );
+        }
+        if let Some(a) = self.stop.target_accuracy {
+            ensure!(
+                (0.0..=1.0).contains(&a),
+                "[stop] target_accuracy is a fraction in [0, 1], got {a}"
+            );
+        }
+        ensure!(self.eval.every >= 1, "[eval] every must be at least 1");
+        ensure!(
+            self.model.batch_size >= 1,
+            "[model] batch_size must be at least 1"
+        );
+        self.fleet.validate()?;
+        self.algorithm.build(self.seed).context("[algorithm]")?;
+        if self.mode == Mode::SystemsOnly {
+            ensure!(
+                self.fleet.count.is_some() || self.data.partition.is_some(),
+                "systems-only runs need [fleet] count (or a [data.partition] with num_clients)"
+            );
+        } else if self.data.dataset == DatasetName::Mnist {
+            ensure!(
+                self.data.partition.is_some(),
+                "[data] partition is required for mnist (e.g. {{ kind = \"iid\", num_clients = 100 }})"
+            );
+        }
+        Ok(())
+    }
+
+    fn data_root(&self, cli: Option<&Path>) -> Option<PathBuf> {
+        let explicit = cli.map(Path::to_path_buf).or_else(|| self.data.data_dir.clone());
+        resolve_data_root(explicit.as_deref()).ok()
+    }
+
+    fn model_for_shape(&self) -> Result<Model> {
+        let (shape, classes) = datasets::shape(self.data.dataset, &self.data.synthetic);
+        zoo::build(&self.model.name, &shape, classes)
+            .with_context(|| format!("[model] `{}`", self.model.name))
+    }
+
+    /// The number of devices: the partition's clients (training), or `[fleet] count`.
+    fn device_count(&self) -> usize {
+        match (self.mode, self.fleet.count, &self.data.partition) {
+            (Mode::SystemsOnly, Some(n), _) => n,
+            (_, _, Some(p)) => p.num_clients(),
+            (_, Some(n), None) => n,
+            (_, None, None) => self.data.synthetic.num_clients,
+        }
+    }
+
+    /// The fleet this experiment simulates, without loading its dataset.
+    pub fn fleet_summary(&self, data_dir: Option<&Path>) -> Result<FleetSummary> {
+        let model = self.model_for_shape()?;
+        let base = self
+            .fleet
+            .base_step_time(model.training_flops_per_sample() * self.model.batch_size as u64);
+        let root = self.data_root(data_dir);
+        let fleet = self
+            .fleet
+            .build(self.device_count(), base, root.as_deref(), self.seed)?;
+        Ok(fleet.summary())
+    }
+}
+
+/// One evaluation of the global model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricRecord {
+    /// Global version evaluated.
+    pub version: u64,
+    /// Virtual seconds since the start.
+    pub time_s: f64,
+    /// Wall-clock seconds since the start (the only field that differs between identical runs).
+    pub wall_s: f64,
+    /// Test accuracy (absent in systems-only runs).
+    pub accuracy: Option<f64>,
+    /// Test loss (absent in systems-only runs).
+    pub loss: Option<f64>,
+    /// Mean local training loss of the updates folded since the previous record.
+    pub client_loss: Option<f64>,
+    /// Cumulative bytes uploaded by devices.
+    pub bytes_up: u64,
+    /// Cumulative bytes downloaded by devices.
+    pub bytes_down: u64,
+    /// Updates folded since the previous record.
+    pub updates: u64,
+    /// Mean staleness of those updates.
+    pub staleness_mean: f64,
+    /// Largest staleness among them.
+    pub staleness_max: u64,
+}
+
+/// What `summary.json` holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Experiment name.
+    pub name: String,
+    /// `training` or `systems-only`.
+    pub mode: Mode,
+    /// Rule and scheduler.
+    pub rule: String,
+    /// Scheduler name.
+    pub scheduler: String,
+    /// Codec chain.
+    pub codec: String,
+    /// Model name and parameter count.
+    pub model: String,
+    /// Parameters of the model.
+    pub num_params: usize,
+    /// Devices simulated.
+    pub clients: usize,
+    /// Global versions produced.
+    pub rounds: u64,
+    /// Accuracy at the last evaluation.
+    pub final_accuracy: Option<f64>,
+    /// Best accuracy seen.
+    pub best_accuracy: Option<f64>,
+    /// Virtual seconds simulated.
+    pub virtual_time_s: f64,
+    /// Wall-clock seconds.
+    pub wall_time_s: f64,
+    /// Bytes uploaded.
+    pub bytes_up: u64,
+    /// Bytes downloaded.
+    pub bytes_down: u64,
+    /// The target accuracy, if any.
+    pub target_accuracy: Option<f64>,
+    /// First version at which the target was reached.
+    pub rounds_to_target: Option<u64>,
+    /// Virtual seconds until then.
+    pub time_to_target_s: Option<f64>,
+    /// Bytes (up + down) until then.
+    pub bytes_to_target: Option<u64>,
+    /// Why the run ended.
+    pub stopped_because: String,
+    /// Happenings simulated per wall-clock second.
+    pub events_per_s: f64,
+    /// Peak resident memory of the process, bytes (Linux; absent elsewhere).
+    pub peak_memory_bytes: Option<u64>,
+    /// The engine's counters.
+    pub engine: EngineStats,
+    /// The fleet that was simulated.
+    pub fleet: FleetSummary,
+}
+
+/// Everything a run produces.
+#[derive(Debug, Clone)]
+pub struct RunOutput {
+    /// The configuration run.
+    pub config: ExperimentConfig,
+    /// One record per evaluation.
+    pub records: Vec<MetricRecord>,
+    /// The summary.
+    pub summary: Summary,
+}
+
+/// What a progress display learns during a run.
+pub trait RunProgress {
+    /// The run begins, bounded by `rounds` versions or `time_s` virtual seconds.
+    fn begin(&mut self, name: &str, rounds: Option<u64>, time_s: Option<f64>);
+    /// A version was produced at virtual time `time_s`.
+    fn aggregated(&mut self, version: u64, time_s: f64);
+    /// An evaluation was recorded.
+    fn evaluated(&mut self, record: &MetricRecord);
+    /// The run ended.
+    fn end(&mut self, summary: &Summary);
+}
+
+/// No display.
+pub struct Quiet;
+
+impl RunProgress for Quiet {
+    fn begin(&mut self, _: &str, _: Option<u64>, _: Option<f64>) {}
+    fn aggregated(&mut self, _: u64, _: f64) {}
+    fn evaluated(&mut self, _: &MetricRecord) {}
+    fn end(&mut self, _: &Summary) {}
+}
+
+/// Peak resident set size from `/proc/self/status`, when the platform has it.
+pub fn peak_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Runs `config`; `data_dir` overrides the file's data root.
+pub fn run(
+    config: &ExperimentConfig,
+    data_dir: Option<&Path>,
+    progress: &mut dyn RunProgress,
+) -> Result<RunOutput> {
+    config.validate()?;
+    let start = Instant::now();
+    let root = config.data_root(data_dir);
+    let (_, coordinator) = config.algorithm.build(config.seed)?;
+    match config.mode {
+        Mode::SystemsOnly => {
+            let model = config.model_for_shape()?;
+            let count = config.device_count();
+            let base = config
+                .fleet
+                .base_step_time(model.training_flops_per_sample() * config.model.batch_size as u64);
+            let fleet = config.fleet.build(count, base, root.as_deref(), config.seed)?;
+            let workload = SystemsWorkload::for_model(model.layout(), &config.codec, config.seed)?;
+            let engine = Engine::new(coordinator, fleet, vec![1; count], workload, config.seed)?;
+            drive(
+                config,
+                &model,
+                engine,
+                |_: &Engine<SystemsWorkload>| Ok(None),
+                start,
+                progress,
+            )
+        }
+        Mode::Training => {
+            let data = datasets::load(config.data.dataset, root.as_deref(), &config.data.synthetic)
+                .context("loading the dataset")?;
+            let partition = match (&config.data.partition, data.natural_partition) {
+                (Some(spec), _) => spec
+                    .partition(data.train.labels(), data.train.num_classes(), config.seed)
+                    .context("[data] partition")?,
+                (None, Some(natural)) => natural,
+                (None, None) => bail!("[data] partition is required for {:?}", config.data.dataset),
+            };
+            let model = Arc::new(
+                zoo::build(
+                    &config.model.name,
+                    data.train.sample_shape(),
+                    data.train.num_classes(),
+                )
+                .with_context(|| format!("[model] `{}`", config.model.name))?,
+            );
+            let base = config
+                .fleet
+                .base_step_time(model.training_flops_per_sample() * config.model.batch_size as u64);
+            let count = partition.num_clients();
+            let fleet = config.fleet.build(count, base, root.as_deref(), config.seed)?;
+            let samples: Vec<u64> = partition.sizes().into_iter().map(|s| s as u64).collect();
+            let mut test = data.test;
+            if let Some(n) = config.eval.test_samples {
+                test = subset(&test, n)?;
+            }
+            let workload = TrainingWorkload::new(TrainingSetup {
+                model: model.clone(),
+                train: Arc::new(data.train),
+                partition: partition.clients().to_vec(),
+                batch_size: config.model.batch_size,
+                config: config.algorithm.clone(),
+                codec: config.codec.clone(),
+                seed: config.seed,
+            })?;
+            let engine = Engine::new(coordinator, fleet, samples, workload, config.seed)?;
+            let batch_size = config.eval.batch_size;
+            let evaluate = |engine: &Engine<TrainingWorkload>| {
+                let e = engine.workload().evaluate(&test, batch_size)?;
+                Ok(Some((e.accuracy, e.loss)))
+            };
+            drive(config, &model, engine, evaluate, start, progress)
+        }
+    }
+}
+
+fn subset(data: &shoal_model::data::Dataset, n: usize) -> Result<shoal_model::data::Dataset> {
+    let n = n.min(data.len());
+    let idx: Vec<usize> = (0..n).collect();
+    let (x, y) = data.batch(&idx);
+    Ok(shoal_model::data::Dataset::new(
+        data.name(),
+        data.sample_shape().to_vec(),
+        data.num_classes(),
+        x.into_raw_vec_and_offset().0,
+        y,
+    )?)
+}
+
+/// Staleness and loss of the updates folded since the last record.
+#[derive(Default)]
+struct Window {
+    updates: u64,
+    staleness_sum: f64,
+    staleness_max: u64,
+    loss_sum: f64,
+}
+
+fn drive<W: crate::engine::Workload>(
+    config: &ExperimentConfig,
+    model: &Model,
+    mut engine: Engine<W>,
+    evaluate: impl Fn(&Engine<W>) -> Result<Option<(f64, f64)>, SimError>,
+    start: Instant,
+    progress: &mut dyn RunProgress,
+) -> Result<RunOutput> {
+    let name = config.display_name().to_string();
+    progress.begin(&name, config.stop.rounds, config.stop.time_s);
+    let until = config
+        .stop
+        .time_s
+        .map_or(Timestamp(u64::MAX), Timestamp::from_secs_f64);
+    let mut records = Vec::new();
+    let mut window = Window::default();
+    let mut version = 0u64;
+    let record = |engine: &Engine<W>, version: u64, window: &mut Window| -> Result<MetricRecord> {
+        let eval = evaluate(engine).context("evaluating the global model")?;
+        let stats = engine.stats();
+        let n = window.updates.max(1) as f64;
+        let r = MetricRecord {
+            version,
+            time_s: engine.now().as_secs_f64(),
+            wall_s: start.elapsed().as_secs_f64(),
+            accuracy: eval.map(|e| e.0),
+            loss: eval.map(|e| e.1),
+            client_loss: (window.updates > 0 && eval.is_some()).then(|| window.loss_sum / n),
+            bytes_up: stats.bytes_up,
+            bytes_down: stats.bytes_down,
+            updates: window.updates,
+            staleness_mean: window.staleness_sum / n,
+            staleness_max: window.staleness_max,
+        };
+        *window = Window::default();
+        Ok(r)
+    };
+    let first = record(&engine, 0, &mut window)?;
+    progress.evaluated(&first);
+    records.push(first);
+    let target = config.stop.target_accuracy;
+    let reached = |r: &MetricRecord| matches!((target, r.accuracy), (Some(t), Some(a)) if a >= t);
+    let mut stopped_because = String::new();
+    if reached(&records[0]) {
+        stopped_because = "target accuracy reached".into();
+    }
+    while stopped_because.is_empty() {
+        let Some(agg) = engine.next_aggregation(until)? else {
+            stopped_because = if engine.now() >= until {
+                format!("virtual time limit ({} s)", until.as_secs_f64())
+            } else {
+                "nothing left to happen (every device idle or offline for good)".into()
+            };
+            break;
+        };
+        version = agg.version.0;
+        window.updates += agg.updates as u64;
+        window.staleness_sum += agg.staleness_mean * agg.updates as f64;
+        window.staleness_max = window.staleness_max.max(agg.staleness_max);
+        window.loss_sum += agg.client_loss * agg.updates as f64;
+        progress.aggregated(version, agg.time.as_secs_f64());
+        let last_round = config.stop.rounds.is_some_and(|r| version >= r);
+        if version % config.eval.every == 0 || last_round {
+            let r = record(&engine, version, &mut window)?;
+            progress.evaluated(&r);
+            let hit = reached(&r);
+            records.push(r);
+            if hit {
+                stopped_because = "target accuracy reached".into();
+            }
+        }
+        if last_round && stopped_because.is_empty() {
+            stopped_because = format!("{version} rounds");
+        }
+    }
+    if records.last().is_some_and(|r| r.version != version) {
+        let r = record(&engine, version, &mut window)?;
+        progress.evaluated(&r);
+        records.push(r);
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let stats = engine.stats();
+    let first_hit = records.iter().find(|r| reached(r));
+    let accuracies: Vec<f64> = records.iter().filter_map(|r| r.accuracy).collect();
+    let summary = Summary {
+        name,
+        mode: config.mode,
+        rule: config.algorithm.rule.name().to_string(),
+        scheduler: engine.coordinator().scheduler_name().to_string(),
+        codec: config.codec.to_string(),
+        model: config.model.name.clone(),
+        num_params: model.num_params(),
+        clients: engine.fleet().devices.len(),
+        rounds: version,
+        final_accuracy: records.last().and_then(|r| r.accuracy),
+        best_accuracy: accuracies.iter().copied().reduce(f64::max),
+        virtual_time_s: engine.now().as_secs_f64(),
+        wall_time_s: wall,
+        bytes_up: stats.bytes_up,
+        bytes_down: stats.bytes_down,
+        target_accuracy: target,
+        rounds_to_target: first_hit.map(|r| r.version),
+        time_to_target_s: first_hit.map(|r| r.time_s),
+        bytes_to_target: first_hit.map(|r| r.bytes_up + r.bytes_down),
+        stopped_because,
+        events_per_s: stats.events as f64 / wall.max(1e-9),
+        peak_memory_bytes: peak_memory_bytes(),
+        engine: stats,
+        fleet: engine.fleet().summary(),
+    };
+    progress.end(&summary);
+    Ok(RunOutput {
+        config: config.clone(),
+        records,
+        summary,
+    })
+}

@@ -1,0 +1,345 @@
+//! The workloads the engine runs: real federated training ([`TrainingWorkload`]) and sizes only
+//! ([`SystemsWorkload`], for fleets of 10⁵–10⁶ devices).
+//!
+//! In a training run every task really trains: the client rule runs its local steps on the
+//! device's partition through a [`ModelOracle`], the upload is encoded with the experiment's codec,
+//! and the server folds what it decodes from those bytes — so accuracy and bytes are both real.
+//! Tasks that have started are computed together, in parallel, when the first of them is needed;
+//! each depends only on the broadcast it started from, its client's state at that moment, and a
+//! seed derived from its task id, so the result is the same whatever the batching or thread count.
+//! A client's persistent state (control variates, momentum) moves only when its upload is
+//! delivered; a cancelled or lost task leaves it as it was.
+
+use crate::engine::{Finished, SimError, Workload, task_seed};
+use rayon::prelude::*;
+use shoal_aggregators::{
+    Accumulator, Algorithm, AlgorithmConfig, ApplyContext, Broadcast, ClientState, ServerState,
+};
+use shoal_compression::{CodecCompressor, CodecSpec, DecodeLimits};
+use shoal_core::{CompressError, Compressor, Layout, TaskId};
+use shoal_model::data::Dataset;
+use shoal_model::train::{Evaluation, evaluate};
+use shoal_model::{Model, ModelOracle};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// A [`CodecCompressor`] that counts the payload bytes of every call, for rules that compress
+/// their own uploads (SCALLION, SCAFCOM): what they upload is exactly those payloads.
+struct MeteredCompressor {
+    inner: CodecCompressor,
+    calls: u32,
+    bytes: u64,
+}
+
+impl Compressor for MeteredCompressor {
+    fn compress(&mut self, v: &mut [f32]) -> Result<(), CompressError> {
+        self.inner.compress(v)?;
+        self.calls += 1;
+        self.bytes += self.inner.last_payload_bytes() as u64;
+        Ok(())
+    }
+
+    fn is_unbiased(&self) -> bool {
+        self.inner.is_unbiased()
+    }
+}
+
+/// A started task waiting to be computed.
+struct Started {
+    client: usize,
+    local_steps: u32,
+    broadcast: Broadcast,
+    state: ClientState,
+}
+
+/// A computed task: what the server decodes, and the client's state if it is delivered.
+struct Computed {
+    client: usize,
+    parts: Vec<Vec<f32>>,
+    bytes: u64,
+    loss: f32,
+    state: ClientState,
+}
+
+/// What every task of a run shares.
+struct Shared {
+    model: Arc<Model>,
+    train: Arc<Dataset>,
+    partition: Vec<Vec<usize>>,
+    batch_size: usize,
+    algorithm: Algorithm,
+    config: AlgorithmConfig,
+    codec: CodecSpec,
+    layout: Arc<Layout>,
+    seed: u64,
+}
+
+impl Shared {
+    fn compute(&self, task: TaskId, started: Started) -> Result<Computed, SimError> {
+        let seed = task_seed(self.seed, task);
+        let mut oracle = ModelOracle::new(
+            self.model.clone(),
+            self.train.clone(),
+            self.partition[started.client].clone(),
+            self.batch_size,
+            seed,
+        );
+        let mut state = started.state;
+        let mut compressor = MeteredCompressor {
+            inner: CodecCompressor::new(self.codec.clone(), self.layout.clone(), seed),
+            calls: 0,
+            bytes: 0,
+        };
+        let upload = self.algorithm.client.train(
+            &self.config.local_task(started.local_steps),
+            &started.broadcast,
+            &mut state,
+            &mut oracle,
+            &mut compressor,
+        )?;
+        let (parts, bytes) = if compressor.calls > 0 {
+            // The rule compressed its upload itself: the parts are what the server decodes.
+            (upload.parts, compressor.bytes)
+        } else {
+            let limits = DecodeLimits::for_dim(self.layout.len());
+            let mut bytes = 0u64;
+            let mut decoded = Vec::with_capacity(upload.parts.len());
+            for part in &upload.parts {
+                let payload = compressor.inner.encode(part)?;
+                bytes += payload.len() as u64;
+                decoded.push(shoal_compression::decode(&payload, &self.layout, &limits)?.0);
+            }
+            (decoded, bytes)
+        };
+        Ok(Computed {
+            client: started.client,
+            parts,
+            bytes,
+            loss: upload.mean_loss,
+            state,
+        })
+    }
+}
+
+/// Real federated training of a model on partitioned data.
+pub struct TrainingWorkload {
+    shared: Shared,
+    state: ServerState,
+    accumulator: Accumulator,
+    clients: Vec<ClientState>,
+    broadcast: Broadcast,
+    download_bytes: u64,
+    started: BTreeMap<TaskId, Started>,
+    computed: HashMap<TaskId, Computed>,
+}
+
+/// Bytes of a broadcast: every vector it carries, as f32.
+fn broadcast_bytes(b: &Broadcast) -> u64 {
+    let vectors = 1 + [&b.c, &b.g, &b.x_prev].iter().filter(|v| v.is_some()).count();
+    (vectors * b.x.len() * 4) as u64
+}
+
+/// What a training run is made of.
+pub struct TrainingSetup {
+    /// The network.
+    pub model: Arc<Model>,
+    /// Training samples, shared by all clients.
+    pub train: Arc<Dataset>,
+    /// Each client's sample indices.
+    pub partition: Vec<Vec<usize>>,
+    /// Local minibatch size.
+    pub batch_size: usize,
+    /// The method.
+    pub config: AlgorithmConfig,
+    /// The upload codec.
+    pub codec: CodecSpec,
+    /// Seed of the initial model and of every task.
+    pub seed: u64,
+}
+
+impl TrainingWorkload {
+    /// Starts from the model initialised with `setup.seed`.
+    pub fn new(setup: TrainingSetup) -> Result<Self, SimError> {
+        let (algorithm, _) = setup.config.build(setup.seed)?;
+        let x0 = setup.model.init_params(setup.seed).as_slice().to_vec();
+        let dim = x0.len();
+        let state = algorithm.server.init_state(x0);
+        let broadcast = state.broadcast();
+        let clients = vec![ClientState::default(); setup.partition.len()];
+        Ok(Self {
+            accumulator: algorithm.server.accumulator(dim),
+            download_bytes: broadcast_bytes(&broadcast),
+            broadcast,
+            state,
+            clients,
+            shared: Shared {
+                layout: setup.model.layout().clone(),
+                model: setup.model,
+                train: setup.train,
+                partition: setup.partition,
+                batch_size: setup.batch_size,
+                algorithm,
+                config: setup.config,
+                codec: setup.codec,
+                seed: setup.seed,
+            },
+            started: BTreeMap::new(),
+            computed: HashMap::new(),
+        })
+    }
+
+    /// The global model.
+    pub fn model_params(&self) -> &[f32] {
+        &self.state.x
+    }
+
+    /// The network.
+    pub fn model(&self) -> &Model {
+        &self.shared.model
+    }
+
+    /// Accuracy and loss of the global model on `data`.
+    pub fn evaluate(&self, data: &Dataset, batch_size: usize) -> Result<Evaluation, SimError> {
+        Ok(evaluate(&self.shared.model, &self.state.x, data, batch_size)?)
+    }
+
+    /// Computes every started task, in parallel.
+    fn compute_started(&mut self) -> Result<(), SimError> {
+        let started = std::mem::take(&mut self.started);
+        let shared = &self.shared;
+        let results: Vec<(TaskId, Result<Computed, SimError>)> = started
+            .into_iter()
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|(task, s)| (task, shared.compute(task, s)))
+            .collect();
+        for (task, result) in results {
+            self.computed.insert(task, result?);
+        }
+        Ok(())
+    }
+}
+
+impl Workload for TrainingWorkload {
+    fn download_bytes(&self) -> u64 {
+        self.download_bytes
+    }
+
+    fn start(&mut self, task: TaskId, client: usize, local_steps: u32) -> Result<(), SimError> {
+        let state = self
+            .clients
+            .get(client)
+            .cloned()
+            .ok_or(SimError::UnknownTask(task))?;
+        self.started.insert(
+            task,
+            Started {
+                client,
+                local_steps,
+                broadcast: self.broadcast.clone(),
+                state,
+            },
+        );
+        Ok(())
+    }
+
+    fn finish(&mut self, task: TaskId) -> Result<Finished, SimError> {
+        if !self.computed.contains_key(&task) {
+            self.compute_started()?;
+        }
+        let done = self.computed.get(&task).ok_or(SimError::UnknownTask(task))?;
+        Ok(Finished {
+            upload_bytes: done.bytes,
+            loss: done.loss,
+        })
+    }
+
+    fn delivered(&mut self, task: TaskId) -> Result<(), SimError> {
+        let done = self.computed.get_mut(&task).ok_or(SimError::UnknownTask(task))?;
+        self.clients[done.client] = std::mem::take(&mut done.state);
+        Ok(())
+    }
+
+    fn forget(&mut self, task: TaskId) {
+        self.started.remove(&task);
+        self.computed.remove(&task);
+    }
+
+    fn fold(&mut self, task: TaskId, weight: f64) -> Result<(), SimError> {
+        let done = self.computed.remove(&task).ok_or(SimError::UnknownTask(task))?;
+        let views: Vec<&[f32]> = done.parts.iter().map(Vec::as_slice).collect();
+        self.shared
+            .algorithm
+            .server
+            .fold(&mut self.accumulator, &views, weight)?;
+        Ok(())
+    }
+
+    fn aggregate(&mut self, num_clients: usize) -> Result<(), SimError> {
+        let ctx = ApplyContext {
+            num_clients,
+            task: self.shared.config.local_task(self.shared.config.local_steps),
+        };
+        self.shared
+            .algorithm
+            .server
+            .apply(&mut self.state, &self.accumulator, &ctx)?;
+        self.accumulator.reset();
+        self.broadcast = self.state.broadcast();
+        self.download_bytes = broadcast_bytes(&self.broadcast);
+        Ok(())
+    }
+}
+
+/// Sizes only: every download is the dense model, every upload the size the codec gives a
+/// typical update of the model; nothing is trained or folded.
+#[derive(Debug, Clone, Copy)]
+pub struct SystemsWorkload {
+    /// Bytes per download.
+    pub download_bytes: u64,
+    /// Bytes per upload.
+    pub upload_bytes: u64,
+}
+
+impl SystemsWorkload {
+    /// Sizes for `layout` under `codec`: the upload is a real encoding of a Gaussian vector with the
+    /// model's layout (what a dense update looks like to a codec).
+    pub fn for_model(layout: &Arc<Layout>, codec: &CodecSpec, seed: u64) -> Result<Self, SimError> {
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, Normal};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let normal = Normal::new(0.0f32, 0.01).expect("a constant, valid standard deviation");
+        let update: Vec<f32> = (0..layout.len()).map(|_| normal.sample(&mut rng)).collect();
+        let mut codec = CodecCompressor::new(codec.clone(), layout.clone(), seed);
+        let upload_bytes = codec.encode(&update)?.len() as u64;
+        Ok(Self {
+            download_bytes: (layout.len() * 4) as u64,
+            upload_bytes,
+        })
+    }
+}
+
+impl Workload for SystemsWorkload {
+    fn download_bytes(&self) -> u64 {
+        self.download_bytes
+    }
+    fn start(&mut self, _: TaskId, _: usize, _: u32) -> Result<(), SimError> {
+        Ok(())
+    }
+    fn finish(&mut self, _: TaskId) -> Result<Finished, SimError> {
+        Ok(Finished {
+            upload_bytes: self.upload_bytes,
+            loss: 0.0,
+        })
+    }
+    fn delivered(&mut self, _: TaskId) -> Result<(), SimError> {
+        Ok(())
+    }
+    fn forget(&mut self, _: TaskId) {}
+    fn fold(&mut self, _: TaskId, _: f64) -> Result<(), SimError> {
+        Ok(())
+    }
+    fn aggregate(&mut self, _: usize) -> Result<(), SimError> {
+        Ok(())
+    }
+}
