@@ -227,12 +227,41 @@ pub struct CoordinatorStats {
     pub evicted: u64,
 }
 
+/// A set of clients with O(1) insert and remove and O(1) access by position (for sampling).
+#[derive(Debug, Default)]
+struct IdleSet {
+    members: Vec<ClientId>,
+    position: std::collections::HashMap<ClientId, usize>,
+}
+
+impl IdleSet {
+    fn insert(&mut self, client: ClientId) {
+        if let std::collections::hash_map::Entry::Vacant(e) = self.position.entry(client) {
+            e.insert(self.members.len());
+            self.members.push(client);
+        }
+    }
+
+    fn remove(&mut self, client: ClientId) {
+        if let Some(i) = self.position.remove(&client) {
+            self.members.swap_remove(i);
+            if let Some(&moved) = self.members.get(i) {
+                self.position.insert(moved, i);
+            }
+        }
+    }
+}
+
 /// The Coordinator's bookkeeping, which schedulers act on through its methods.
 #[derive(Debug)]
 pub struct Core {
     now: Timestamp,
     version: ModelVersion,
     clients: BTreeMap<ClientId, ClientRecord>,
+    /// Registered clients without a task, for O(k) sampling in fleets of 10⁵–10⁶ clients.
+    idle: IdleSet,
+    /// Σ n_i over registered clients.
+    total_samples: u64,
     running: BTreeMap<TaskId, TaskRecord>,
     /// Accepted updates waiting for a fold or discard decision.
     held: BTreeMap<TaskId, TaskRecord>,
@@ -251,6 +280,8 @@ impl Core {
             now: Timestamp::ZERO,
             version: ModelVersion(0),
             clients: BTreeMap::new(),
+            idle: IdleSet::default(),
+            total_samples: 0,
             running: BTreeMap::new(),
             held: BTreeMap::new(),
             next_task: 0,
@@ -285,16 +316,19 @@ impl Core {
 
     /// Training samples of all registered clients.
     pub fn total_samples(&self) -> u64 {
-        self.clients.values().map(|c| c.num_samples).sum()
+        self.total_samples
     }
 
     /// Registered clients without a running task, in id order.
     pub fn idle_clients(&self) -> Vec<ClientId> {
-        self.clients
-            .iter()
-            .filter(|(_, c)| c.task.is_none())
-            .map(|(&id, _)| id)
-            .collect()
+        let mut idle = self.idle.members.clone();
+        idle.sort_unstable();
+        idle
+    }
+
+    /// How many registered clients have no running task.
+    pub fn idle_count(&self) -> usize {
+        self.idle.members.len()
     }
 
     /// Tasks running.
@@ -302,9 +336,9 @@ impl Core {
         self.running.len()
     }
 
-    /// Up to `k` idle clients chosen uniformly at random (seeded), in the order drawn.
+    /// Up to `k` idle clients chosen uniformly at random (seeded), in the order drawn; O(k).
     pub fn sample_idle(&mut self, k: usize) -> Vec<ClientId> {
-        let idle = self.idle_clients();
+        let idle = &self.idle.members;
         let k = k.min(idle.len());
         rand::seq::index::sample(&mut self.rng, idle.len(), k)
             .into_iter()
@@ -321,6 +355,7 @@ impl Core {
         let task = TaskId(self.next_task);
         self.next_task += 1;
         record.task = Some(task);
+        self.idle.remove(client);
         self.running.insert(
             task,
             TaskRecord {
@@ -388,6 +423,7 @@ impl Core {
         if let Some(record) = self.running.remove(&task) {
             if let Some(c) = self.clients.get_mut(&record.client) {
                 c.task = None;
+                self.idle.insert(record.client);
             }
             self.stats.cancelled += 1;
             self.out.push(Command::Cancel {
@@ -410,6 +446,7 @@ impl Core {
         if let Some(c) = self.clients.get_mut(&record.client) {
             c.task = None;
             c.failures_in_a_row = c.failures_in_a_row.saturating_add(1);
+            self.idle.insert(record.client);
         }
         self.stats.failed += 1;
         Some(record)
@@ -419,7 +456,10 @@ impl Core {
     fn remove_client(&mut self, client: ClientId) -> Option<TaskRecord> {
         let record = self.clients.get(&client)?;
         let lost = record.task.and_then(|t| self.fail_running(t));
-        self.clients.remove(&client);
+        if let Some(removed) = self.clients.remove(&client) {
+            self.total_samples -= removed.num_samples;
+        }
+        self.idle.remove(client);
         lost
     }
 }
@@ -455,8 +495,11 @@ impl Coordinator {
         match event {
             Event::Joined { client, num_samples } => {
                 if let Some(record) = core.clients.get_mut(&client) {
+                    core.total_samples = core.total_samples - record.num_samples + num_samples;
                     record.num_samples = num_samples;
                 } else {
+                    core.total_samples += num_samples;
+                    core.idle.insert(client);
                     core.clients.insert(
                         client,
                         ClientRecord {
@@ -480,6 +523,7 @@ impl Coordinator {
                         c.task = None;
                         c.delivered += 1;
                         c.failures_in_a_row = 0;
+                        core.idle.insert(record.client);
                     }
                     core.held.insert(meta.task, record);
                     core.stats.arrived += 1;
@@ -587,5 +631,37 @@ impl Coordinator {
     /// The scheduler's name, as in the configuration.
     pub fn scheduler_name(&self) -> &'static str {
         self.scheduler.name()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::RngExt;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn the_idle_set_matches_a_plain_set_under_random_operations() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let mut idle = IdleSet::default();
+        let mut model = BTreeSet::new();
+        for _ in 0..20_000 {
+            let client = ClientId(rng.random_range(0..64));
+            if rng.random::<bool>() {
+                idle.insert(client);
+                model.insert(client);
+            } else {
+                idle.remove(client);
+                model.remove(&client);
+            }
+            assert_eq!(idle.members.len(), model.len());
+            assert_eq!(idle.position.len(), model.len());
+        }
+        let mut members = idle.members.clone();
+        members.sort_unstable();
+        assert_eq!(members, model.into_iter().collect::<Vec<_>>());
+        for (i, c) in idle.members.iter().enumerate() {
+            assert_eq!(idle.position[c], i);
+        }
     }
 }

@@ -83,9 +83,6 @@ pub struct StopConfig {
     pub target_accuracy: Option<f64>,
 }
 
-fn default_every() -> u64 {
-    1
-}
 fn default_eval_batch() -> usize {
     1000
 }
@@ -94,9 +91,14 @@ fn default_eval_batch() -> usize {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
-    /// Evaluate the global model on the test set every this many versions (and at the end).
-    #[serde(default = "default_every")]
-    pub every: u64,
+    /// Evaluate the global model on the test set every this many versions. With neither `every`
+    /// nor `every_s`, every version is evaluated; the last version always is.
+    #[serde(default)]
+    pub every: Option<u64>,
+    /// Evaluate at the first version produced after each multiple of this many virtual seconds —
+    /// the fair choice when methods produce versions at very different rates.
+    #[serde(default)]
+    pub every_s: Option<f64>,
     /// Evaluation batch size.
     #[serde(default = "default_eval_batch")]
     pub batch_size: usize,
@@ -108,7 +110,8 @@ pub struct EvalConfig {
 impl Default for EvalConfig {
     fn default() -> Self {
         Self {
-            every: default_every(),
+            every: None,
+            every_s: None,
             batch_size: default_eval_batch(),
             test_samples: None,
         }
@@ -223,7 +226,13 @@ impl ExperimentConfig {
                 "[stop] target_accuracy is a fraction in [0, 1], got {a}"
             );
         }
-        ensure!(self.eval.every >= 1, "[eval] every must be at least 1");
+        ensure!(self.eval.every != Some(0), "[eval] every must be at least 1");
+        if let Some(t) = self.eval.every_s {
+            ensure!(
+                t.is_finite() && t > 0.0,
+                "[eval] every_s must be positive, got {t}"
+            );
+        }
         ensure!(
             self.model.batch_size >= 1,
             "[model] batch_size must be at least 1"
@@ -561,7 +570,17 @@ fn drive<W: crate::engine::Workload>(
         window.loss_sum += agg.client_loss * agg.updates as f64;
         progress.aggregated(version, agg.time.as_secs_f64());
         let last_round = config.stop.rounds.is_some_and(|r| version >= r);
-        if version % config.eval.every == 0 || last_round {
+        let by_versions = match (config.eval.every, config.eval.every_s) {
+            (Some(n), _) => version % n == 0,
+            (None, None) => true,
+            (None, Some(_)) => false,
+        };
+        let now_s = agg.time.as_secs_f64();
+        let by_time = config
+            .eval
+            .every_s
+            .is_some_and(|dt| (now_s / dt).floor() > (records.last().map_or(0.0, |r| r.time_s) / dt).floor());
+        if by_versions || by_time || last_round {
             let r = record(&engine, version, &mut window)?;
             progress.evaluated(&r);
             let hit = reached(&r);

@@ -1,9 +1,11 @@
 //! fl-sim: Shoal's research front end.
 //!
-//! Today it holds the centralised baseline ([`central`]) that federated runs are compared against,
-//! the dataset selection shared by every command ([`datasets`]), and the benchmarks: training
-//! throughput ([`bench`]) and aggregation fold throughput ([`fold_bench`]). The discrete-event
-//! fleet simulator joins it in a later issue.
+//! The fleet simulator: [`fleet`] draws devices from distributions or real [`traces`], [`engine`]
+//! drives the sans-IO Coordinator on a virtual clock, [`training`] holds what the devices compute
+//! (real training, or sizes only), [`experiment`] reads experiment files and runs them, and
+//! [`report`] writes metrics, summaries, plots and comparisons. Beside it: the centralised baseline
+//! ([`central`]), the dataset selection shared by every command ([`datasets`]), and the benchmarks
+//! ([`bench`], [`fold_bench`], [`codec_bench`]).
 
 pub mod bench;
 pub mod central;

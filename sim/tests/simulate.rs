@@ -203,7 +203,7 @@ fn systems_only_runs_large_fleets_without_data() {
     )
     .unwrap();
     config.stop = toml::from_str("time_s = 1200").unwrap();
-    config.eval.every = 10;
+    config.eval.every = Some(10);
     let out = run(&config, None, &mut Quiet).unwrap();
     let s = &out.summary;
     assert_eq!(s.clients, 3000);

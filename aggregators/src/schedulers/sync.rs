@@ -152,7 +152,7 @@ impl SyncRounds {
             return;
         }
         let target = self.target(core);
-        if core.idle_clients().len() < target {
+        if core.idle_count() < target {
             return;
         }
         let deadline = self
