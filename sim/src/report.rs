@@ -104,7 +104,11 @@ fn line_plot(
         root.fill(&WHITE)?;
         let points = series.iter().flat_map(|(_, p)| p.iter());
         let x_max = points.clone().map(|p| p.0).fold(0.0f64, f64::max).max(1e-9);
-        let y_min = points.map(|p| p.1).fold(1.0f64, f64::min).clamp(0.0, 0.9);
+        // The y axis starts below the lowest accuracy after each run's initial (random) model,
+        // so the part researchers compare is not squashed against the top.
+        let after_start = series.iter().flat_map(|(_, p)| p.iter().skip(1));
+        let lowest = after_start.map(|p| p.1).fold(1.0f64, f64::min);
+        let y_min = (((lowest - 0.02) / 0.05).floor() * 0.05).clamp(0.0, 0.9);
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 22))
             .margin(16)
