@@ -1,4 +1,8 @@
-//! Transport for fl-server and fl-client (filled by the server/client issue).
+//! Transport for fl-server and fl-client.
 //!
-//! This crate will hold the QUIC endpoints (quinn + rustls, ALPN `shoal/1`, mutual TLS), certificate
-//! generation, stream framing with size limits, the protocol messages, and the gRPC admin service.
+//! Today: the protocol messages ([`protocol`]) and their length-prefixed framing ([`framing`]),
+//! both sans-IO. The QUIC endpoints (quinn + rustls, ALPN `shoal/1`, mutual TLS), certificate
+//! generation and the gRPC admin service build on them.
+
+pub mod framing;
+pub mod protocol;
