@@ -192,13 +192,7 @@ pub struct Engine<W> {
 impl<W: Workload> Engine<W> {
     /// An engine in which device `i` holds `samples[i]` training samples. Devices online at time 0
     /// join then; the others when their window opens.
-    pub fn new(
-        coordinator: Coordinator,
-        fleet: Fleet,
-        samples: Vec<u64>,
-        workload: W,
-        seed: u64,
-    ) -> Result<Self, SimError> {
+    pub fn new(coordinator: Coordinator, fleet: Fleet, samples: Vec<u64>, workload: W, seed: u64) -> Self {
         let n = fleet.devices.len();
         let mut engine = Self {
             coordinator,
@@ -226,7 +220,7 @@ impl<W: Workload> Engine<W> {
                 engine.push(Timestamp::from_secs_f64(t), Happening::Online(i as u32));
             }
         }
-        Ok(engine)
+        engine
     }
 
     /// A virtual time from seconds, strictly after now.
@@ -565,7 +559,7 @@ mod tests {
             ..FleetConfig::default()
         };
         let fleet = cfg.build(3, 0.1, None, 0).unwrap();
-        let mut engine = Engine::new(sync_fedavg(3), fleet, vec![10; 3], Counting::default(), 1).unwrap();
+        let mut engine = Engine::new(sync_fedavg(3), fleet, vec![10; 3], Counting::default(), 1);
         let first = engine
             .next_aggregation(Timestamp::from_secs_f64(100.0))
             .unwrap()
@@ -606,7 +600,7 @@ mod tests {
             };
             cfg.build(0).unwrap().1
         };
-        let mut engine = Engine::new(coordinator, fleet, vec![10; 20], Counting::default(), 9).unwrap();
+        let mut engine = Engine::new(coordinator, fleet, vec![10; 20], Counting::default(), 9);
         let mut rounds = 0;
         while let Some(a) = engine.next_aggregation(Timestamp::from_secs_f64(1e6)).unwrap() {
             assert!(a.updates >= 1);

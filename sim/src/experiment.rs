@@ -264,6 +264,13 @@ impl ExperimentConfig {
             .with_context(|| format!("[model] `{}`", self.model.name))
     }
 
+    /// Seconds per local step on a reference device: configured, or one minibatch's training
+    /// FLOPs of `model` at the reference rate.
+    fn base_step_time(&self, model: &Model) -> f64 {
+        self.fleet
+            .base_step_time(model.training_flops_per_sample() * self.model.batch_size as u64)
+    }
+
     /// The number of devices: the partition's clients (training), or `[fleet] count`.
     fn device_count(&self) -> usize {
         match (self.mode, self.fleet.count, &self.data.partition) {
@@ -277,9 +284,7 @@ impl ExperimentConfig {
     /// The fleet this experiment simulates, without loading its dataset.
     pub fn fleet_summary(&self, data_dir: Option<&Path>) -> Result<FleetSummary> {
         let model = self.model_for_shape()?;
-        let base = self
-            .fleet
-            .base_step_time(model.training_flops_per_sample() * self.model.batch_size as u64);
+        let base = self.base_step_time(&model);
         let root = self.data_root(data_dir);
         let fleet = self
             .fleet
@@ -423,12 +428,10 @@ pub fn run(
         Mode::SystemsOnly => {
             let model = config.model_for_shape()?;
             let count = config.device_count();
-            let base = config
-                .fleet
-                .base_step_time(model.training_flops_per_sample() * config.model.batch_size as u64);
+            let base = config.base_step_time(&model);
             let fleet = config.fleet.build(count, base, root.as_deref(), config.seed)?;
             let workload = SystemsWorkload::for_model(model.layout(), &config.codec, config.seed)?;
-            let engine = Engine::new(coordinator, fleet, vec![1; count], workload, config.seed)?;
+            let engine = Engine::new(coordinator, fleet, vec![1; count], workload, config.seed);
             drive(
                 config,
                 &model,
@@ -456,9 +459,7 @@ pub fn run(
                 )
                 .with_context(|| format!("[model] `{}`", config.model.name))?,
             );
-            let base = config
-                .fleet
-                .base_step_time(model.training_flops_per_sample() * config.model.batch_size as u64);
+            let base = config.base_step_time(&model);
             let count = partition.num_clients();
             let fleet = config.fleet.build(count, base, root.as_deref(), config.seed)?;
             let samples: Vec<u64> = partition.sizes().into_iter().map(|s| s as u64).collect();
@@ -475,7 +476,7 @@ pub fn run(
                 codec: config.codec.clone(),
                 seed: config.seed,
             })?;
-            let engine = Engine::new(coordinator, fleet, samples, workload, config.seed)?;
+            let engine = Engine::new(coordinator, fleet, samples, workload, config.seed);
             let batch_size = config.eval.batch_size;
             let evaluate = |engine: &Engine<TrainingWorkload>| {
                 let e = engine.workload().evaluate(&test, batch_size)?;
