@@ -10,6 +10,29 @@
 use crate::error::ModelError;
 use crate::layers::{Conv2d, Dense, Flatten, Layer, MaxPool2d, Relu};
 use crate::model::Model;
+use serde::{Deserialize, Serialize};
+
+fn default_batch_size() -> usize {
+    10
+}
+
+/// The `[model]` table of fl-sim experiments and fl-server configurations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Zoo name: `logreg`, `mlp` (the FedAvg paper's 2NN), `cnn`, `lenet5`.
+    pub name: String,
+    /// Local minibatch size B.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+}
+
+impl ModelConfig {
+    /// The network for samples of `input_shape` and `classes` outputs.
+    pub fn build(&self, input_shape: &[usize], classes: usize) -> Result<Model, ModelError> {
+        build(&self.name, input_shape, classes)
+    }
+}
 
 /// Names the zoo accepts.
 pub const MODEL_NAMES: &[&str] = &["logreg", "mlp", "cnn", "lenet5"];

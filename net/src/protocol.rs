@@ -83,6 +83,8 @@ pub enum ServerMessage {
         client: ClientId,
         /// Limits the server enforces.
         limits: Limits,
+        /// What the run trains, so the client builds the same network and client rule.
+        run: RunDescription,
     },
     /// Train: the model of `version` follows on its own stream.
     Task {
@@ -121,6 +123,19 @@ pub enum ServerMessage {
         /// The last global version.
         version: ModelVersion,
     },
+}
+
+/// What a client must know to take part in a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunDescription {
+    /// Zoo name of the network (`mlp`, `cnn`, …).
+    pub model: String,
+    /// Parameters of the network (a client whose data gives another count cannot join).
+    pub dim: u64,
+    /// Local minibatch size.
+    pub batch_size: u32,
+    /// The method's `[algorithm.rule]` table as JSON (its tagged form does not fit postcard).
+    pub rule_json: String,
 }
 
 /// Error codes a server sends before closing (or, for `UnknownTask`, carrying on).
@@ -175,20 +190,51 @@ impl Default for Limits {
 /// The first frame of every unidirectional stream: what its bytes are.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum StreamHeader {
-    /// Server → client: the global model (f32 little-endian, the layout's order).
+    /// Server → client: the broadcast of a version — each of `vectors`, in order, as `dim`
+    /// little-endian f32 in the layout's order.
     Model {
         /// The task it is for.
         task: TaskId,
         /// Its version.
         version: ModelVersion,
-        /// Bytes that follow.
-        bytes: u64,
+        /// The vectors that follow.
+        vectors: Vec<BroadcastVector>,
+        /// Values per vector.
+        dim: u64,
     },
-    /// Client → server: an encoded update payload (compression crate format).
+    /// Client → server: an update's encoded payloads (compression crate format), one per part the
+    /// method uploads, back to back.
     Update {
         /// The task it answers.
         task: TaskId,
-        /// Bytes that follow.
-        bytes: u64,
+        /// Bytes of each part, in order.
+        part_bytes: Vec<u64>,
     },
+}
+
+impl StreamHeader {
+    /// Bytes that follow the header.
+    pub fn body_bytes(&self) -> u64 {
+        match self {
+            StreamHeader::Model { vectors, dim, .. } => {
+                (vectors.len() as u64).saturating_mul(dim.saturating_mul(4))
+            }
+            StreamHeader::Update { part_bytes, .. } => {
+                part_bytes.iter().fold(0u64, |a, &b| a.saturating_add(b))
+            }
+        }
+    }
+}
+
+/// A vector of a method's broadcast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BroadcastVector {
+    /// The global model `x`.
+    Model,
+    /// The server control variate `c`.
+    ControlVariate,
+    /// The global direction `g`.
+    Direction,
+    /// The previous global model.
+    PreviousModel,
 }

@@ -5,8 +5,8 @@ use proptest::prelude::*;
 use shoal_core::{ClientId, ModelVersion, TaskId, UpdateMeta};
 use shoal_net::framing::{FrameDecoder, FrameError, encode};
 use shoal_net::protocol::{
-    Capabilities, ClientMessage, DeclaredProfile, ErrorCode, Limits, PROTOCOL_VERSION, ServerMessage,
-    StreamHeader,
+    BroadcastVector, Capabilities, ClientMessage, DeclaredProfile, ErrorCode, Limits, PROTOCOL_VERSION,
+    RunDescription, ServerMessage, StreamHeader,
 };
 
 fn client_messages() -> Vec<ClientMessage> {
@@ -51,6 +51,12 @@ fn server_messages() -> Vec<ServerMessage> {
             protocol_version: PROTOCOL_VERSION,
             client: ClientId(17),
             limits: Limits::default(),
+            run: RunDescription {
+                model: "mlp".into(),
+                dim: 199_210,
+                batch_size: 10,
+                rule_json: r#"{"rule":"fedavg"}"#.into(),
+            },
         },
         ServerMessage::Task {
             task: TaskId(4),
@@ -96,12 +102,34 @@ fn every_message_round_trips_byte_by_byte() {
     for m in server_messages() {
         assert_eq!(decoder.next_message::<ServerMessage>().unwrap(), Some(m));
     }
-    let header = StreamHeader::Update {
-        task: TaskId(4),
-        bytes: 123,
-    };
-    decoder.push(&encode(&header).unwrap());
-    assert_eq!(decoder.next_message::<StreamHeader>().unwrap(), Some(header));
+    let headers = [
+        StreamHeader::Update {
+            task: TaskId(4),
+            part_bytes: vec![123, 77],
+        },
+        StreamHeader::Model {
+            task: TaskId(4),
+            version: ModelVersion(3),
+            vectors: vec![BroadcastVector::Model, BroadcastVector::ControlVariate],
+            dim: 10,
+        },
+    ];
+    for header in headers {
+        decoder.push(&encode(&header).unwrap());
+        assert_eq!(
+            decoder.next_message::<StreamHeader>().unwrap(),
+            Some(header.clone())
+        );
+    }
+    assert_eq!(
+        StreamHeader::Update {
+            task: TaskId(1),
+            part_bytes: vec![u64::MAX, 5]
+        }
+        .body_bytes(),
+        u64::MAX,
+        "sizes saturate instead of overflowing"
+    );
 }
 
 #[test]

@@ -6,7 +6,6 @@
 //! merge key by key, anything else in the extending file replaces the base's value. A family of
 //! experiments then shares one base and differs only where it says so.
 
-use crate::datasets::{self, DatasetName};
 use crate::engine::{Engine, EngineStats, SimError};
 use crate::fleet::{FleetConfig, FleetSummary};
 use crate::training::{SystemsWorkload, TrainingSetup, TrainingWorkload};
@@ -15,10 +14,11 @@ use serde::{Deserialize, Serialize};
 use shoal_aggregators::AlgorithmConfig;
 use shoal_compression::CodecSpec;
 use shoal_core::Timestamp;
+use shoal_model::Model;
 use shoal_model::data::partition::PartitionSpec;
-use shoal_model::data::resolve_data_root;
 use shoal_model::data::synthetic::SyntheticConfig;
-use shoal_model::{Model, zoo};
+use shoal_model::data::{DatasetName, resolve_data_root};
+pub use shoal_model::zoo::ModelConfig;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -50,21 +50,6 @@ pub struct DataConfig {
     /// Parameters of the synthetic dataset.
     #[serde(default)]
     pub synthetic: SyntheticConfig,
-}
-
-fn default_batch_size() -> usize {
-    10
-}
-
-/// `[model]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    /// Zoo name: `logreg`, `mlp` (the FedAvg paper's 2NN), `cnn`, `lenet5`.
-    pub name: String,
-    /// Local minibatch size B.
-    #[serde(default = "default_batch_size")]
-    pub batch_size: usize,
 }
 
 /// `[stop]`: the run ends at whichever comes first.
@@ -259,8 +244,9 @@ impl ExperimentConfig {
     }
 
     fn model_for_shape(&self) -> Result<Model> {
-        let (shape, classes) = datasets::shape(self.data.dataset, &self.data.synthetic);
-        zoo::build(&self.model.name, &shape, classes)
+        let (shape, classes) = self.data.dataset.shape(&self.data.synthetic);
+        self.model
+            .build(&shape, classes)
             .with_context(|| format!("[model] `{}`", self.model.name))
     }
 
@@ -442,7 +428,10 @@ pub fn run(
             )
         }
         Mode::Training => {
-            let data = datasets::load(config.data.dataset, root.as_deref(), &config.data.synthetic)
+            let data = config
+                .data
+                .dataset
+                .load(root.as_deref(), &config.data.synthetic)
                 .context("loading the dataset")?;
             let partition = match (&config.data.partition, data.natural_partition) {
                 (Some(spec), _) => spec
@@ -452,12 +441,10 @@ pub fn run(
                 (None, None) => bail!("[data] partition is required for {:?}", config.data.dataset),
             };
             let model = Arc::new(
-                zoo::build(
-                    &config.model.name,
-                    data.train.sample_shape(),
-                    data.train.num_classes(),
-                )
-                .with_context(|| format!("[model] `{}`", config.model.name))?,
+                config
+                    .model
+                    .build(data.train.sample_shape(), data.train.num_classes())
+                    .with_context(|| format!("[model] `{}`", config.model.name))?,
             );
             let base = config.base_step_time(&model);
             let count = partition.num_clients();

@@ -4,13 +4,11 @@
 //! drives the sans-IO Coordinator on a virtual clock, [`training`] holds what the devices compute
 //! (real training, or sizes only), [`experiment`] reads experiment files and runs them, and
 //! [`report`] writes metrics, summaries, plots and comparisons. Beside it: the centralised baseline
-//! ([`central`]), the dataset selection shared by every command ([`datasets`]), and the benchmarks
-//! ([`bench`], [`fold_bench`], [`codec_bench`]).
+//! ([`central`]) and the benchmarks ([`bench`], [`fold_bench`], [`codec_bench`]).
 
 pub mod bench;
 pub mod central;
 pub mod codec_bench;
-pub mod datasets;
 pub mod engine;
 pub mod experiment;
 pub mod fleet;

@@ -13,6 +13,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use shoal_model::data::DatasetName;
 use shoal_model::data::synthetic::SyntheticConfig;
 use shoal_model::data::{DATA_DIR_ENV, mnist};
 use shoal_model::train::SgdConfig;
@@ -20,7 +21,6 @@ use shoal_model::zoo::MODEL_NAMES;
 use shoal_sim::bench::{self, BenchConfig};
 use shoal_sim::central::{self, CentralConfig, CentralProgress, EpochRecord};
 use shoal_sim::codec_bench;
-use shoal_sim::datasets::{self, DatasetName};
 use shoal_sim::experiment::{self, ExperimentConfig, MetricRecord, RunOutput, RunProgress, Summary};
 use shoal_sim::fold_bench;
 use shoal_sim::report;
@@ -153,7 +153,7 @@ struct FleetArgs {
 #[derive(Args)]
 struct CentralArgs {
     /// Dataset to train on.
-    #[arg(long, value_enum, default_value = "mnist")]
+    #[arg(long, default_value = "mnist")]
     dataset: DatasetName,
     /// Model from the zoo: logreg, mlp (FedAvg 2NN), cnn (FedAvg CNN), lenet5.
     #[arg(long, default_value = "cnn", value_parser = clap::builder::PossibleValuesParser::new(MODEL_NAMES))]
@@ -266,7 +266,9 @@ fn central_cmd(args: CentralArgs) -> Result<()> {
         seed: args.seed,
         ..SyntheticConfig::default()
     };
-    let data = datasets::load(args.dataset, args.data.data_dir.as_deref(), &synthetic)
+    let data = args
+        .dataset
+        .load(args.data.data_dir.as_deref(), &synthetic)
         .context("loading the dataset")?;
     let config = CentralConfig {
         model: args.model,

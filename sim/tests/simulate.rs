@@ -182,7 +182,7 @@ fn systems_only_runs_large_fleets_without_data() {
     let mut config = small(2);
     config.mode = Mode::SystemsOnly;
     config.model.name = "cnn".into();
-    config.data.dataset = shoal_sim::datasets::DatasetName::Mnist;
+    config.data.dataset = shoal_model::data::DatasetName::Mnist;
     config.fleet.count = Some(3000);
     config.fleet.availability =
         toml::from_str::<toml::Table>("a = { kind = \"diurnal\", period_s = 600, online_fraction = 0.5 }")

@@ -11,7 +11,9 @@ pub mod synthetic;
 
 use crate::error::DataError;
 use ndarray::{ArrayD, IxDyn};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use synthetic::SyntheticConfig;
 
 /// Environment variable naming the data root (a folder holding `mnist/`).
 pub const DATA_DIR_ENV: &str = "SHOAL_DATA";
@@ -144,6 +146,50 @@ pub fn resolve_data_root(explicit: Option<&Path>) -> Result<PathBuf, DataError> 
         _ => Err(DataError::NoDataDir(format!(
             "pass --data-dir DIR or set {DATA_DIR_ENV}=DIR, where DIR holds mnist/ (in a checkout: ../shared/data)"
         ))),
+    }
+}
+
+/// The datasets every Shoal program can load by name (fl-sim experiments, fl-server's held-out
+/// evaluation, fl-client's local data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DatasetName {
+    /// MNIST digits from the IDX files under the data root (`mnist/`).
+    Mnist,
+    /// FedProx's synthetic(α, β) benchmark, generated from its seed (no files needed).
+    Synthetic,
+}
+
+impl DatasetName {
+    /// Loads the dataset: MNIST from the data root (explicit or `$SHOAL_DATA`), synthetic from
+    /// `synthetic`.
+    pub fn load(self, data_dir: Option<&Path>, synthetic: &SyntheticConfig) -> Result<TrainTest, DataError> {
+        match self {
+            DatasetName::Mnist => mnist::load(&resolve_data_root(data_dir)?),
+            DatasetName::Synthetic => synthetic::generate(synthetic),
+        }
+    }
+
+    /// The sample shape and class count, without loading anything (to size a model).
+    pub fn shape(self, synthetic: &SyntheticConfig) -> (Vec<usize>, usize) {
+        match self {
+            DatasetName::Mnist => (vec![mnist::ROWS, mnist::COLS, 1], 10),
+            DatasetName::Synthetic => (vec![synthetic.dim], synthetic.classes),
+        }
+    }
+}
+
+impl std::str::FromStr for DatasetName {
+    type Err = DataError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "mnist" => Ok(DatasetName::Mnist),
+            "synthetic" => Ok(DatasetName::Synthetic),
+            other => Err(DataError::InvalidConfig(format!(
+                "unknown dataset `{other}` (expected mnist or synthetic)"
+            ))),
+        }
     }
 }
 
