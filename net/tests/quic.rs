@@ -2,6 +2,9 @@
 //! certificate, refuses clients without a certificate or with one from another CA, and carries
 //! framed messages and bounded payload streams.
 
+// Helpers outside #[test] functions unwrap too: a failure there is the test failing.
+#![allow(clippy::unwrap_used)]
+
 use shoal_core::TaskId;
 use shoal_net::endpoint::{Timeouts, client_endpoint, server_endpoint};
 use shoal_net::protocol::{ClientMessage, StreamHeader};
