@@ -613,6 +613,11 @@ impl Coordinator {
         self.core.running.values()
     }
 
+    /// The running task `task`, if it is running.
+    pub fn running_task(&self, task: TaskId) -> Option<&TaskRecord> {
+        self.core.running.get(&task)
+    }
+
     /// Accepted updates not yet folded or discarded.
     pub fn held_updates(&self) -> usize {
         self.core.held.len()

@@ -28,7 +28,9 @@ pub mod staleness;
 
 pub use accumulator::{Accumulator, FoldError};
 pub use config::{Algorithm, AlgorithmConfig, ConfigError, RuleConfig};
-pub use coordinator::{Command, Coordinator, CoordinatorError, CoordinatorStats, DiscardReason, Event};
+pub use coordinator::{
+    ClientRecord, Command, Coordinator, CoordinatorError, CoordinatorStats, DiscardReason, Event, TaskRecord,
+};
 pub use rule::{
     Aggregation, ApplyContext, Broadcast, ClientRule, ClientState, LocalTask, RuleError, ServerRule,
     ServerState, Upload,

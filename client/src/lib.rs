@@ -1,4 +1,10 @@
-//! fl-client, the device agent (filled by the server/client and split-learning issues).
+//! fl-client, Shoal's device agent.
 //!
-//! This crate will hold the agent that connects to fl-server, runs the configured client rule on local
-//! data (or only the head of a split network), encodes what it uploads, and reconnects with backoff.
+//! - [`local_data`]: the device's samples (a partition of a dataset, or IDX files).
+//! - [`trainer`]: the method's client rule on those samples and the encoded upload.
+//! - [`agent`]: the QUIC session with fl-server — tasks, model and update streams, durable
+//!   acknowledgements, reconnection with backoff.
+
+pub mod agent;
+pub mod local_data;
+pub mod trainer;

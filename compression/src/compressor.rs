@@ -15,6 +15,8 @@ pub struct CodecCompressor {
     seed: u64,
     calls: u64,
     last_payload_bytes: usize,
+    /// Payloads of `compress` calls, kept when recording (what a device then sends).
+    recorded: Option<Vec<Vec<u8>>>,
 }
 
 impl CodecCompressor {
@@ -27,7 +29,20 @@ impl CodecCompressor {
             seed,
             calls: 0,
             last_payload_bytes: 0,
+            recorded: None,
         }
+    }
+
+    /// Keeps the payload of every [`Compressor::compress`] call, so a rule that compresses its own
+    /// upload (SCALLION, SCAFCOM) can send exactly the bytes whose decoding it used.
+    pub fn recording(mut self) -> Self {
+        self.recorded = Some(Vec::new());
+        self
+    }
+
+    /// The payloads recorded since the last call, oldest first.
+    pub fn take_recorded(&mut self) -> Vec<Vec<u8>> {
+        self.recorded.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Bytes of the payload the last call produced.
@@ -56,6 +71,9 @@ impl Compressor for CodecCompressor {
         let bytes = self.encode(v)?;
         payload::decode_into(&bytes, &self.layout, &DecodeLimits::for_dim(v.len()), v)
             .map_err(|e| CompressError::Other(format!("own payload failed to decode: {e}")))?;
+        if let Some(recorded) = self.recorded.as_mut() {
+            recorded.push(bytes);
+        }
         Ok(())
     }
 

@@ -52,6 +52,9 @@ pub enum ClientMessage {
         capabilities: Capabilities,
         /// What it says about itself.
         profile: DeclaredProfile,
+        /// The task it is still working on or holds an unacknowledged update of, after a
+        /// reconnection (the server resends the task otherwise).
+        holding: Option<TaskId>,
     },
     /// An update for `meta.task` follows on its own stream, `payload_bytes` long. Resending after
     /// a reconnection is safe: the server deduplicates by task id.

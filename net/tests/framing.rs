@@ -24,6 +24,7 @@ fn client_messages() -> Vec<ClientMessage> {
                 up_mbit_s: None,
                 down_mbit_s: Some(20.0),
             },
+            holding: Some(TaskId(3)),
         },
         ClientMessage::UpdateReady {
             meta: UpdateMeta {

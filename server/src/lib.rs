@@ -1,5 +1,15 @@
-//! fl-server, the aggregation daemon (filled by the server/client issue).
+//! fl-server, Shoal's aggregation daemon.
 //!
-//! This crate will hold the connection handling, the serverless aggregation runtime that folds
-//! decoded updates on a pool of workers, durable state (atomic files plus a sled index) and the admin
-//! API, all driving the same Coordinator that fl-sim drives.
+//! - [`config`]: `server.toml` — the same `[model]`, `[algorithm]` and codec tables as fl-sim.
+//! - [`datadir`]: the data directory `fl-server init` creates (CA, certificates, configuration).
+//! - [`run`]: one run driven with real time — the Coordinator, the server rule, evaluation, and
+//!   restart by replaying the event log.
+//! - [`store`] and [`files`]: durable state (sled index and event log, atomic tensor files).
+//! - [`daemon`]: QUIC connections and the coordinator thread.
+
+pub mod config;
+pub mod daemon;
+pub mod datadir;
+pub mod files;
+pub mod run;
+pub mod store;

@@ -452,7 +452,7 @@ pub fn run(
             let samples: Vec<u64> = partition.sizes().into_iter().map(|s| s as u64).collect();
             let mut test = data.test;
             if let Some(n) = config.eval.test_samples {
-                test = subset(&test, n)?;
+                test = test.head(n);
             }
             let workload = TrainingWorkload::new(TrainingSetup {
                 model: model.clone(),
@@ -472,19 +472,6 @@ pub fn run(
             drive(config, &model, engine, evaluate, start, progress)
         }
     }
-}
-
-fn subset(data: &shoal_model::data::Dataset, n: usize) -> Result<shoal_model::data::Dataset> {
-    let n = n.min(data.len());
-    let idx: Vec<usize> = (0..n).collect();
-    let (x, y) = data.batch(&idx);
-    Ok(shoal_model::data::Dataset::new(
-        data.name(),
-        data.sample_shape().to_vec(),
-        data.num_classes(),
-        x.into_raw_vec_and_offset().0,
-        y,
-    )?)
 }
 
 /// Staleness and loss of the updates folded since the last record.

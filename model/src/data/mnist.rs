@@ -38,17 +38,23 @@ pub fn load(root: &Path) -> Result<TrainTest, DataError> {
 fn load_split(dir: &Path, prefix: &str, name: &str) -> Result<Dataset, DataError> {
     let images_path = find(dir, &format!("{prefix}-images-idx3-ubyte"))?;
     let labels_path = find(dir, &format!("{prefix}-labels-idx1-ubyte"))?;
-    let (dims, pixels) = parse_idx(&images_path, IMAGES_MAGIC, 3)?;
-    let (label_dims, labels) = parse_idx(&labels_path, LABELS_MAGIC, 1)?;
+    load_idx_pair(&images_path, &labels_path, name)
+}
+
+/// Loads MNIST-format images and labels from a pair of IDX files (gzipped or not), standardised
+/// as the module says — e.g. a device's own digits.
+pub fn load_idx_pair(images_path: &Path, labels_path: &Path, name: &str) -> Result<Dataset, DataError> {
+    let (dims, pixels) = parse_idx(images_path, IMAGES_MAGIC, 3)?;
+    let (label_dims, labels) = parse_idx(labels_path, LABELS_MAGIC, 1)?;
     if dims[0] != label_dims[0] {
         return Err(DataError::Malformed {
-            path: labels_path,
+            path: labels_path.to_path_buf(),
             reason: format!("{} labels for {} images", label_dims[0], dims[0]),
         });
     }
     if let Some(&bad) = labels.iter().find(|&&l| l > 9) {
         return Err(DataError::Malformed {
-            path: labels_path,
+            path: labels_path.to_path_buf(),
             reason: format!("label {bad} is not a digit 0-9"),
         });
     }

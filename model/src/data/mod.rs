@@ -115,6 +115,18 @@ impl Dataset {
         (batch, indices.iter().map(|&i| self.labels[i]).collect())
     }
 
+    /// The first `n` samples (all of them if there are fewer), e.g. a quicker evaluation set.
+    pub fn head(&self, n: usize) -> Dataset {
+        let n = n.min(self.len());
+        Dataset {
+            name: self.name.clone(),
+            sample_shape: self.sample_shape.clone(),
+            num_classes: self.num_classes,
+            features: self.features[..n * self.sample_len()].to_vec(),
+            labels: self.labels[..n].to_vec(),
+        }
+    }
+
     /// Number of samples of each class.
     pub fn class_counts(&self) -> Vec<usize> {
         let mut counts = vec![0; self.num_classes];

@@ -1,0 +1,405 @@
+//! The device agent: connects to fl-server over QUIC, trains each task it is given, uploads the
+//! encoded update on its own stream, and keeps it until the server acknowledges it as durable.
+//!
+//! A dropped connection is retried with exponential backoff (seeded jitter). Work survives it:
+//! training goes on while disconnected, the Hello of the next connection names the task held,
+//! and an unacknowledged update is sent again — the server deduplicates by task id. The agent
+//! exits cleanly when the server says the run is finished.
+
+use crate::local_data::DataSource;
+use crate::trainer::{EncodedUpdate, TaskSpec, Trainer};
+use anyhow::{Context, Result, bail};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use shoal_aggregators::{Broadcast, ClientState};
+use shoal_core::TaskId;
+use shoal_net::endpoint::{Timeouts, client_endpoint};
+use shoal_net::protocol::{
+    BroadcastVector, Capabilities, ClientMessage, DeclaredProfile, ErrorCode, PROTOCOL_VERSION,
+    ServerMessage, StreamHeader,
+};
+use shoal_net::stream::{MessageReader, read_body_into, read_header, send_stream, write_message};
+use shoal_net::tls::PemPair;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+
+/// How the agent connects and what it trains on.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The server's QUIC address.
+    pub server: SocketAddr,
+    /// The name in the server's certificate.
+    pub server_name: String,
+    /// The run's CA certificate (PEM).
+    pub ca_pem: String,
+    /// This device's certificate and key; `None` for servers that accept anonymous clients.
+    pub identity: Option<PemPair>,
+    /// Name announced in the Hello (the certificate's name wins when there is one).
+    pub name: String,
+    /// Local data.
+    pub data: DataSource,
+    /// Seed of local minibatches and random codec stages.
+    pub seed: u64,
+    /// Give up after this long without reaching the server.
+    pub give_up_after: Duration,
+}
+
+/// Counters of one agent's life, printed when it exits.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct AgentReport {
+    /// Tasks trained.
+    pub tasks: u64,
+    /// Updates the server acknowledged.
+    pub accepted: u64,
+    /// Update payload bytes sent (resends included).
+    pub bytes_up: u64,
+    /// Model bytes received.
+    pub bytes_down: u64,
+    /// Connections made.
+    pub connections: u64,
+    /// Last version the server announced.
+    pub final_version: u64,
+}
+
+/// Work in hand across connections.
+struct Work {
+    trainer: Option<Arc<Trainer>>,
+    state: ClientState,
+    /// A task being trained.
+    training: Option<(TaskSpec, JoinHandle<Result<EncodedUpdate>>)>,
+    /// A trained update not yet acknowledged.
+    unacknowledged: Option<EncodedUpdate>,
+    report: AgentReport,
+}
+
+impl Work {
+    fn holding(&self) -> Option<TaskId> {
+        self.unacknowledged
+            .as_ref()
+            .map(|u| u.meta.task)
+            .or(self.training.as_ref().map(|(s, _)| s.task))
+    }
+}
+
+enum SessionEnd {
+    Finished,
+    Disconnected(String),
+}
+
+/// Runs the agent until the run is finished.
+pub async fn run(options: AgentOptions) -> Result<AgentReport> {
+    let data = options.data.load()?;
+    tracing::info!(samples = data.indices.len(), "local data loaded");
+    let mut data = Some(data);
+    let endpoint = client_endpoint(
+        &options.ca_pem,
+        options.identity.as_ref(),
+        Timeouts::default(),
+        options.server,
+    )?;
+    let mut work = Work {
+        trainer: None,
+        state: ClientState::default(),
+        training: None,
+        unacknowledged: None,
+        report: AgentReport::default(),
+    };
+    let mut rng = StdRng::seed_from_u64(options.seed ^ 0x5eed);
+    let mut backoff = Duration::from_millis(250);
+    let mut last_contact = Instant::now();
+    loop {
+        let outcome = session(&endpoint, &options, &mut data, &mut work).await;
+        match outcome {
+            Ok(SessionEnd::Finished) => {
+                endpoint.close(0u32.into(), b"finished");
+                endpoint.wait_idle().await;
+                return Ok(work.report);
+            }
+            Ok(SessionEnd::Disconnected(reason)) => {
+                tracing::warn!(reason, "disconnected");
+                last_contact = Instant::now();
+                backoff = Duration::from_millis(250);
+            }
+            Err(e) => {
+                if let Some(fatal) = e.downcast_ref::<FatalError>() {
+                    bail!("{fatal}");
+                }
+                tracing::warn!(error = %format!("{e:#}"), "connection failed");
+            }
+        }
+        if last_contact.elapsed() > options.give_up_after {
+            bail!(
+                "no contact with {} for {:.0} s; giving up",
+                options.server,
+                options.give_up_after.as_secs_f64()
+            );
+        }
+        let jitter = rng.random_range(0.8..1.2);
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// An error retrying cannot fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct FatalError(String);
+
+async fn session(
+    endpoint: &quinn::Endpoint,
+    options: &AgentOptions,
+    data: &mut Option<crate::local_data::LocalData>,
+    work: &mut Work,
+) -> Result<SessionEnd> {
+    let conn = endpoint
+        .connect(options.server, &options.server_name)
+        .context("connecting")?
+        .await
+        .context("handshake")?;
+    work.report.connections += 1;
+    let (mut send, recv) = conn.open_bi().await.context("opening the control stream")?;
+    let num_samples = match (&work.trainer, data.as_ref()) {
+        (Some(t), _) => t.num_samples(),
+        (None, Some(d)) => d.indices.len() as u64,
+        (None, None) => 0,
+    };
+    write_message(
+        &mut send,
+        &ClientMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            name: options.name.clone(),
+            capabilities: Capabilities {
+                codecs: vec!["any".into()],
+                split: false,
+            },
+            profile: DeclaredProfile {
+                num_samples,
+                step_time_s: None,
+                up_mbit_s: None,
+                down_mbit_s: None,
+            },
+            holding: work.holding(),
+        },
+    )
+    .await?;
+    let mut reader = MessageReader::new(recv, 1 << 20);
+    let welcome = tokio::time::timeout(Duration::from_secs(15), reader.next_message::<ServerMessage>())
+        .await
+        .context("no Welcome within 15 s")??;
+    let (client, run) = match welcome {
+        Some(ServerMessage::Welcome {
+            protocol_version,
+            client,
+            run,
+            ..
+        }) if protocol_version == PROTOCOL_VERSION => (client, run),
+        Some(ServerMessage::Error {
+            code: ErrorCode::VersionMismatch,
+            message,
+        }) => return Err(FatalError(format!("the server refused our protocol: {message}")).into()),
+        Some(ServerMessage::Error { code, message }) => {
+            return Ok(SessionEnd::Disconnected(format!("refused ({code:?}): {message}")));
+        }
+        other => {
+            return Ok(SessionEnd::Disconnected(format!(
+                "expected Welcome, got {other:?}"
+            )));
+        }
+    };
+    if work.trainer.is_none() {
+        let local = data.take().context("local data already consumed")?;
+        let trainer =
+            Trainer::new(client, &run, local, options.seed).map_err(|e| FatalError(format!("{e:#}")))?;
+        tracing::info!(%client, model = run.model, params = trainer.dim(), "joined the run");
+        work.trainer = Some(Arc::new(trainer));
+    }
+    if let Some(update) = work.unacknowledged.clone() {
+        upload(&conn, &mut send, &update, work).await?;
+    }
+    loop {
+        let training_done = async {
+            match work.training.as_mut() {
+                Some((_, handle)) => Some(handle.await),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            message = reader.next_message::<ServerMessage>() => {
+                let message = match message {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return Ok(SessionEnd::Disconnected("the server closed the control stream".into())),
+                    Err(e) => return Ok(SessionEnd::Disconnected(e.to_string())),
+                };
+                match message {
+                    ServerMessage::Task { task, version, local_steps, lr, codec, .. } => {
+                        let spec = TaskSpec { task, version, local_steps, lr, codec };
+                        if work.unacknowledged.as_ref().is_some_and(|u| u.meta.task == task) {
+                            if let Some(update) = work.unacknowledged.clone() {
+                                upload(&conn, &mut send, &update, work).await?;
+                            }
+                            continue;
+                        }
+                        let broadcast = receive_model(&conn, &spec, work).await?;
+                        if work.training.as_ref().is_some_and(|(s, _)| s.task == task) {
+                            continue;
+                        }
+                        if let Some((old, handle)) = work.training.take() {
+                            tracing::info!(task = %old.task, "abandoning a task the server replaced");
+                            handle.abort();
+                        }
+                        let trainer = work.trainer.clone().context("no trainer")?;
+                        let state = work.state.clone();
+                        let run_spec = spec.clone();
+                        tracing::info!(%task, %version, local_steps, "training");
+                        let handle = tokio::task::spawn_blocking(move || trainer.train(&run_spec, &broadcast, &state));
+                        work.training = Some((spec, handle));
+                    }
+                    ServerMessage::Cancel { task } => {
+                        if work.training.as_ref().is_some_and(|(s, _)| s.task == task) {
+                            tracing::info!(%task, "cancelled by the server");
+                            if let Some((_, handle)) = work.training.take() {
+                                handle.abort();
+                            }
+                        }
+                        if work.unacknowledged.as_ref().is_some_and(|u| u.meta.task == task) {
+                            work.unacknowledged = None;
+                        }
+                    }
+                    ServerMessage::UpdateAccepted { task } => {
+                        if let Some(update) = work.unacknowledged.take_if(|u| u.meta.task == task) {
+                            work.state = update.next_state;
+                            work.report.accepted += 1;
+                            tracing::info!(%task, "update accepted");
+                        }
+                    }
+                    ServerMessage::Error { code: ErrorCode::UnknownTask, message } => {
+                        // The server will not take the update we hold (its round closed): drop it.
+                        tracing::info!(message, "update refused");
+                        work.unacknowledged = None;
+                    }
+                    ServerMessage::Error { code, message } => {
+                        return Ok(SessionEnd::Disconnected(format!("server error {code:?}: {message}")));
+                    }
+                    ServerMessage::Finished { version } => {
+                        tracing::info!(%version, "the run is finished");
+                        work.report.final_version = version.0;
+                        let _ = write_message(&mut send, &ClientMessage::Bye).await;
+                        let _ = send.finish();
+                        conn.close(0u32.into(), b"finished");
+                        return Ok(SessionEnd::Finished);
+                    }
+                    ServerMessage::Welcome { .. } => {
+                        return Ok(SessionEnd::Disconnected("a second Welcome".into()));
+                    }
+                }
+            }
+            Some(result) = training_done => {
+                let Some((spec, _)) = work.training.take() else { continue };
+                match result {
+                    Ok(Ok(update)) => {
+                        work.report.tasks += 1;
+                        work.unacknowledged = Some(update.clone());
+                        upload(&conn, &mut send, &update, work).await?;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(task = %spec.task, error = %format!("{e:#}"), "training failed");
+                        write_message(&mut send, &ClientMessage::TaskFailed {
+                            task: spec.task,
+                            reason: format!("{e:#}"),
+                        }).await?;
+                    }
+                    Err(e) if e.is_cancelled() => {}
+                    Err(e) => bail!("the training thread failed: {e}"),
+                }
+            }
+        }
+    }
+}
+
+/// Reads the model stream of `spec` into shared vectors, straight into their memory.
+async fn receive_model(conn: &quinn::Connection, spec: &TaskSpec, work: &mut Work) -> Result<Broadcast> {
+    let dim = work.trainer.as_ref().map_or(0, |t| t.dim());
+    let mut stream = tokio::time::timeout(Duration::from_secs(60), conn.accept_uni())
+        .await
+        .context("no model stream within 60 s")??;
+    let header = read_header(&mut stream, 1 << 16).await?;
+    let StreamHeader::Model {
+        task,
+        vectors,
+        dim: sent_dim,
+        ..
+    } = header
+    else {
+        bail!("expected a model stream");
+    };
+    if task != spec.task || sent_dim != dim as u64 || vectors.first() != Some(&BroadcastVector::Model) {
+        bail!(
+            "the model stream ({task}, {} vectors of {sent_dim}) does not match {} with {dim} parameters",
+            vectors.len(),
+            spec.task
+        );
+    }
+    let mut values: Vec<Vec<f32>> = vectors.iter().map(|_| vec![0.0f32; dim]).collect();
+    {
+        // One contiguous read per vector, into its own buffer.
+        let mut remaining: &mut [Vec<f32>] = &mut values;
+        while let Some((first, rest)) = remaining.split_first_mut() {
+            let last = rest.is_empty();
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(first.as_mut_slice());
+            if last {
+                read_body_into(&mut stream, bytes).await?;
+            } else {
+                stream
+                    .read_exact(bytes)
+                    .await
+                    .context("reading the model stream")?;
+            }
+            remaining = rest;
+        }
+    }
+    work.report.bytes_down += (values.len() * dim * 4) as u64;
+    let mut broadcast = Broadcast {
+        x: Arc::from(Vec::new()),
+        c: None,
+        g: None,
+        x_prev: None,
+    };
+    for (kind, v) in vectors.into_iter().zip(values) {
+        let v: Arc<[f32]> = Arc::from(v);
+        match kind {
+            BroadcastVector::Model => broadcast.x = v,
+            BroadcastVector::ControlVariate => broadcast.c = Some(v),
+            BroadcastVector::Direction => broadcast.g = Some(v),
+            BroadcastVector::PreviousModel => broadcast.x_prev = Some(v),
+        }
+    }
+    Ok(broadcast)
+}
+
+/// Announces an update on the control stream and sends its payloads on their own stream.
+async fn upload(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    update: &EncodedUpdate,
+    work: &mut Work,
+) -> Result<()> {
+    write_message(
+        send,
+        &ClientMessage::UpdateReady {
+            meta: update.meta.clone(),
+            payload_bytes: update.bytes(),
+        },
+    )
+    .await?;
+    let header = StreamHeader::Update {
+        task: update.meta.task,
+        part_bytes: update.parts.iter().map(|p| p.len() as u64).collect(),
+    };
+    let body: Vec<&[u8]> = update.parts.iter().map(Vec::as_slice).collect();
+    send_stream(conn, &header, &body).await?;
+    work.report.bytes_up += update.bytes();
+    tracing::info!(task = %update.meta.task, bytes = update.bytes(), loss = update.meta.loss, "update sent");
+    Ok(())
+}

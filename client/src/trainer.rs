@@ -1,0 +1,157 @@
+//! What a device computes for one task: the method's client rule on its local data from the
+//! broadcast it received, and the encoded payloads of what the rule uploads — the same code path
+//! fl-sim runs for a simulated device.
+
+use anyhow::{Context, Result, ensure};
+use shoal_aggregators::{Broadcast, ClientRule, ClientState, LocalTask, RuleConfig};
+use shoal_compression::{CodecCompressor, CodecSpec};
+use shoal_core::{ClientId, ModelVersion, TaskId, UpdateMeta};
+use shoal_model::{Model, ModelOracle};
+use shoal_net::protocol::RunDescription;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::local_data::LocalData;
+
+/// A task as the server gave it.
+#[derive(Debug, Clone)]
+pub struct TaskSpec {
+    /// The task.
+    pub task: TaskId,
+    /// The version trained from.
+    pub version: ModelVersion,
+    /// Local steps.
+    pub local_steps: u32,
+    /// Local learning rate.
+    pub lr: f32,
+    /// Codec chain of the upload.
+    pub codec: String,
+}
+
+/// A finished task, ready to send (and to resend after a reconnection).
+#[derive(Debug, Clone)]
+pub struct EncodedUpdate {
+    /// Metadata for the Coordinator.
+    pub meta: UpdateMeta,
+    /// One encoded payload per uploaded part.
+    pub parts: Vec<Vec<u8>>,
+    /// The client state to keep once the server has the update.
+    pub next_state: ClientState,
+}
+
+impl EncodedUpdate {
+    /// Total payload bytes.
+    pub fn bytes(&self) -> u64 {
+        self.parts.iter().map(|p| p.len() as u64).sum()
+    }
+}
+
+/// Trains tasks for one device.
+pub struct Trainer {
+    client: ClientId,
+    model: Arc<Model>,
+    rule: Box<dyn ClientRule>,
+    data: LocalData,
+    batch_size: usize,
+    seed: u64,
+}
+
+impl Trainer {
+    /// A trainer for the run the server described, on `data`; fails when the local data does not
+    /// fit the server's model.
+    pub fn new(client: ClientId, run: &RunDescription, data: LocalData, seed: u64) -> Result<Self> {
+        let rule: RuleConfig =
+            serde_json::from_str(&run.rule_json).context("the server's rule is not one this client knows")?;
+        let algorithm = rule.build().context("building the client rule")?;
+        let model = shoal_model::zoo::build(
+            &run.model,
+            data.dataset.sample_shape(),
+            data.dataset.num_classes(),
+        )
+        .with_context(|| format!("building `{}`", run.model))?;
+        ensure!(
+            model.num_params() as u64 == run.dim,
+            "`{}` on this device's data has {} parameters, the server's has {}: the local data has another shape",
+            run.model,
+            model.num_params(),
+            run.dim
+        );
+        ensure!(!data.indices.is_empty(), "this device has no training samples");
+        Ok(Self {
+            client,
+            model: Arc::new(model),
+            rule: algorithm.client,
+            data,
+            batch_size: run.batch_size.max(1) as usize,
+            seed,
+        })
+    }
+
+    /// Training samples held.
+    pub fn num_samples(&self) -> u64 {
+        self.data.indices.len() as u64
+    }
+
+    /// Parameters of the model.
+    pub fn dim(&self) -> usize {
+        self.model.num_params()
+    }
+
+    /// Runs `spec` from `broadcast` with the client's persistent `state` and encodes the upload;
+    /// the state to keep once the server has the update comes back in it.
+    pub fn train(
+        &self,
+        spec: &TaskSpec,
+        broadcast: &Broadcast,
+        state: &ClientState,
+    ) -> Result<EncodedUpdate> {
+        let started = Instant::now();
+        let seed = self.seed ^ spec.task.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let codec: CodecSpec = spec
+            .codec
+            .parse()
+            .with_context(|| format!("the server's codec `{}`", spec.codec))?;
+        let mut oracle = ModelOracle::new(
+            self.model.clone(),
+            self.data.dataset.clone(),
+            self.data.indices.clone(),
+            self.batch_size,
+            seed,
+        );
+        let mut compressor = CodecCompressor::new(codec, self.model.layout().clone(), seed).recording();
+        let mut state = state.clone();
+        let task = LocalTask {
+            local_steps: spec.local_steps,
+            lr: spec.lr,
+        };
+        let upload = self
+            .rule
+            .train(&task, broadcast, &mut state, &mut oracle, &mut compressor)
+            .context("local training")?;
+        let recorded = compressor.take_recorded();
+        let parts = if !recorded.is_empty() && recorded.len() == upload.parts.len() {
+            // The rule compressed its upload itself: send exactly those payloads.
+            recorded
+        } else {
+            upload
+                .parts
+                .iter()
+                .map(|part| compressor.encode(part))
+                .collect::<Result<Vec<_>, _>>()
+                .context("encoding the update")?
+        };
+        Ok(EncodedUpdate {
+            meta: UpdateMeta {
+                client: self.client,
+                task: spec.task,
+                base_version: spec.version,
+                num_samples: self.num_samples(),
+                local_steps: upload.local_steps,
+                loss: upload.mean_loss,
+                duration_s: started.elapsed().as_secs_f64(),
+            },
+            parts,
+            next_state: state,
+        })
+    }
+}

@@ -1,0 +1,331 @@
+//! `server.toml`: what a run trains (the same `[model]`, `[algorithm]` and `codec` tables as an
+//! fl-sim experiment), when it stops, how the global model is evaluated, and how the daemon
+//! listens and stores its state. `fl-server init` writes a commented one.
+
+use anyhow::{Context, Result, ensure};
+use serde::{Deserialize, Serialize};
+use shoal_aggregators::AlgorithmConfig;
+use shoal_compression::CodecSpec;
+use shoal_model::data::DatasetName;
+use shoal_model::data::synthetic::SyntheticConfig;
+use shoal_model::zoo::ModelConfig;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// `[data]`: the dataset the model is sized for, and the held-out set for evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// `mnist` or `synthetic`.
+    pub dataset: DatasetName,
+    /// Data root holding `mnist/` (else `--data-dir` or `$SHOAL_DATA`).
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+    /// Parameters of the synthetic dataset.
+    #[serde(default)]
+    pub synthetic: SyntheticConfig,
+}
+
+/// `[stop]`: the run ends at whichever comes first.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopConfig {
+    /// Global versions to produce.
+    #[serde(default)]
+    pub rounds: Option<u64>,
+    /// Held-out accuracy (0–1) at which the run stops (needs `[eval]`).
+    #[serde(default)]
+    pub target_accuracy: Option<f64>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_eval_batch() -> usize {
+    1000
+}
+
+/// `[eval]`: evaluation of the global model on the dataset's held-out split, logged per version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Evaluate at all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Evaluate every this many versions (the last version always is).
+    #[serde(default)]
+    pub every: Option<u64>,
+    /// Use the first N held-out samples only (all when absent).
+    #[serde(default)]
+    pub test_samples: Option<usize>,
+    /// Evaluation batch size.
+    #[serde(default = "default_eval_batch")]
+    pub batch_size: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            every: None,
+            test_samples: None,
+            batch_size: default_eval_batch(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 4433))
+}
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 4434))
+}
+fn default_grace() -> f64 {
+    30.0
+}
+fn default_idle() -> f64 {
+    30.0
+}
+fn default_transfer() -> f64 {
+    300.0
+}
+fn default_max_payload() -> u64 {
+    1 << 30
+}
+
+/// `[server]`: addresses, authentication, timeouts and limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// QUIC address devices connect to.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// gRPC admin address (loopback by default).
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+    /// Accept clients without a certificate (named by their Hello). Off unless set explicitly.
+    #[serde(default)]
+    pub allow_anonymous: bool,
+    /// Seconds a disconnected client keeps its task before it counts as gone.
+    #[serde(default = "default_grace")]
+    pub reconnect_grace_s: f64,
+    /// Seconds of silence after which a connection is closed.
+    #[serde(default = "default_idle")]
+    pub idle_timeout_s: f64,
+    /// Seconds allowed for one payload transfer.
+    #[serde(default = "default_transfer")]
+    pub transfer_timeout_s: f64,
+    /// Largest accepted update payload, bytes.
+    #[serde(default = "default_max_payload")]
+    pub max_payload_bytes: u64,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            admin: default_admin(),
+            allow_anonymous: false,
+            reconnect_grace_s: default_grace(),
+            idle_timeout_s: default_idle(),
+            transfer_timeout_s: default_transfer(),
+            max_payload_bytes: default_max_payload(),
+        }
+    }
+}
+
+fn default_keep() -> usize {
+    20
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Model versions whose state files are kept (0: all).
+    #[serde(default = "default_keep")]
+    pub keep_versions: usize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            keep_versions: default_keep(),
+        }
+    }
+}
+
+/// The whole `server.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Seed of the initial model and of every scheduler choice.
+    #[serde(default)]
+    pub seed: u64,
+    /// Dataset (model shape, held-out set).
+    pub data: DataConfig,
+    /// Network and minibatch size.
+    pub model: ModelConfig,
+    /// Rule, scheduler, local work — the same table as in fl-sim experiments.
+    pub algorithm: AlgorithmConfig,
+    /// Upload codec chain.
+    #[serde(default = "CodecSpec::identity")]
+    pub codec: CodecSpec,
+    /// When to stop.
+    #[serde(default)]
+    pub stop: StopConfig,
+    /// Evaluation.
+    #[serde(default)]
+    pub eval: EvalConfig,
+    /// Network.
+    #[serde(default)]
+    pub server: NetworkConfig,
+    /// Storage.
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+impl ServerConfig {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let config: Self = toml::from_str(&text)
+            .with_context(|| format!("{} is not a valid server configuration", path.display()))?;
+        config.validate().with_context(|| path.display().to_string())?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.stop.rounds.is_some() || self.stop.target_accuracy.is_some(),
+            "[stop] needs `rounds` or `target_accuracy`"
+        );
+        if let Some(a) = self.stop.target_accuracy {
+            ensure!(
+                (0.0..=1.0).contains(&a),
+                "[stop] target_accuracy is a fraction in [0, 1], got {a}"
+            );
+            ensure!(self.eval.enabled, "[stop] target_accuracy needs [eval] enabled");
+        }
+        ensure!(self.eval.every != Some(0), "[eval] every must be at least 1");
+        ensure!(
+            self.model.batch_size >= 1,
+            "[model] batch_size must be at least 1"
+        );
+        for (name, v) in [
+            ("reconnect_grace_s", self.server.reconnect_grace_s),
+            ("idle_timeout_s", self.server.idle_timeout_s),
+            ("transfer_timeout_s", self.server.transfer_timeout_s),
+        ] {
+            ensure!(
+                v.is_finite() && v > 0.0,
+                "[server] {name} must be positive, got {v}"
+            );
+        }
+        self.algorithm.build(self.seed).context("[algorithm]")?;
+        Ok(())
+    }
+
+    /// A hash of everything that defines the run's results (not addresses, timeouts or storage),
+    /// so a restart with another algorithm, model, codec or seed is refused.
+    pub fn fingerprint(&self) -> u64 {
+        let defining = serde_json::json!({
+            "seed": self.seed,
+            "data": self.data,
+            "model": self.model,
+            "algorithm": self.algorithm,
+            "codec": self.codec.to_string(),
+        });
+        xxhash_rust::xxh3::xxh3_64(defining.to_string().as_bytes())
+    }
+}
+
+/// The commented configuration `fl-server init` writes.
+pub fn template(listen: SocketAddr) -> String {
+    format!(
+        r#"# fl-server configuration. Start the server with `fl-server run DIR`.
+#
+# [model], [algorithm] and codec are the same tables as in fl-sim experiments, so a method
+# studied in the simulator runs unchanged here. Changing seed, [data], [model], [algorithm] or
+# codec makes the state under state/ unusable: start a new data directory for a new run.
+
+seed = 1                       # initial model and every scheduler choice
+codec = "identity"             # upload codec chain, e.g. "fedzip" or "topk(0.1) | kmeans(3) | huffman"
+
+[data]
+dataset = "mnist"              # the model's input shape, and the held-out set of [eval]
+# data_dir = "/path/to/data"   # holds mnist/; else --data-dir or $SHOAL_DATA
+
+[model]
+name = "mlp"                   # logreg | mlp (FedAvg's 2NN) | cnn | lenet5
+batch_size = 10                # local minibatch B
+
+[algorithm]
+local_steps = 50               # K local steps per task
+local_lr = 0.05
+evict_after_failures = 3       # failed tasks in a row before a client is disconnected
+
+[algorithm.rule]
+rule = "fedavg"                # fedavg | fedavgm | fedavg-m | scaffold | scaffold-m | scallion |
+                               # scafcom | fedasync | fedbuff | fedfix | fedcompass
+
+[algorithm.scheduler]
+scheduler = "sync"             # sync | fedbuff | fedasync | fedfix | fedcompass
+clients_per_round = 5
+deadline_s = 300               # a round closes without the clients that have not answered
+
+[stop]                         # whichever comes first
+rounds = 3                     # global versions to produce
+# target_accuracy = 0.97       # stop once the held-out accuracy reaches it
+
+[eval]                         # the global model on the dataset's held-out split, per version
+enabled = true
+every = 1
+# test_samples = 2000          # first N held-out samples only
+
+[server]
+listen = "{listen}"            # QUIC address devices connect to
+admin = "127.0.0.1:4434"       # gRPC admin API; keep it on loopback
+allow_anonymous = false        # true accepts clients without certificates: only for trusted networks
+reconnect_grace_s = 30         # a disconnected client keeps its task this long
+idle_timeout_s = 30
+transfer_timeout_s = 300
+max_payload_bytes = 1073741824
+
+[storage]
+keep_versions = 20             # model versions whose files are kept (0: all)
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_template_is_a_valid_configuration() {
+        let config: ServerConfig = toml::from_str(&template(default_listen())).unwrap();
+        config.validate().unwrap();
+        assert!(!config.server.allow_anonymous, "mutual TLS is the default");
+        let mut other = config.clone();
+        other.server.listen = "0.0.0.0:9".parse().unwrap();
+        assert_eq!(
+            other.fingerprint(),
+            config.fingerprint(),
+            "addresses do not define a run"
+        );
+        other.seed += 1;
+        assert_ne!(other.fingerprint(), config.fingerprint());
+    }
+
+    #[test]
+    fn bad_configurations_are_refused_with_the_reason() {
+        let base = template(default_listen());
+        let no_stop = base.replace("rounds = 3", "");
+        let config: ServerConfig = toml::from_str(&no_stop).unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("[stop]"));
+        let typo = base.replace("[storage]", "[storage]\nkeep_verisons = 2");
+        assert!(toml::from_str::<ServerConfig>(&typo).is_err());
+    }
+}

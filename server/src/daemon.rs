@@ -1,0 +1,742 @@
+//! The fl-server daemon: QUIC connections on a tokio runtime, and one coordinator thread that owns
+//! the [`Run`] and is the only place state changes.
+//!
+//! A connection task speaks the protocol with one device: it checks the Hello, reads update
+//! payloads off their streams, decodes and checks them and writes them to a file (all off the
+//! coordinator thread, in parallel across clients), then offers the decoded update to the
+//! coordinator, which folds it without copying it again and answers once it is durable. The
+//! coordinator thread sends tasks, cancellations and the end of the run back through each
+//! connection's outbox, and wakes itself for the Coordinator's timers and for the end of a
+//! disconnected client's grace period.
+
+use crate::config::ServerConfig;
+use crate::datadir::DataDir;
+use crate::files;
+use crate::run::{Offer, Outgoing, ReceivedUpdate, Run, RunSummary, SharedBroadcast, decode_update};
+use crate::store::Store;
+use anyhow::{Context, Result};
+use shoal_aggregators::Event;
+use shoal_core::{ClientId, Layout, ModelVersion, TaskId, UpdateMeta};
+use shoal_net::endpoint::{Timeouts, server_endpoint};
+use shoal_net::protocol::{
+    ClientMessage, ErrorCode, Limits, PROTOCOL_VERSION, RunDescription, ServerMessage, StreamHeader,
+};
+use shoal_net::stream::{MessageReader, StreamError, read_body, read_header, send_stream, write_message};
+use shoal_net::tls::{self, ClientAuth};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// What a connection asks of the coordinator thread.
+enum Request {
+    Hello {
+        name: String,
+        num_samples: u64,
+        holding: Option<TaskId>,
+        connection: u64,
+        outbox: mpsc::UnboundedSender<ToClient>,
+        reply: oneshot::Sender<Result<(ClientId, RunDescription), String>>,
+    },
+    Update {
+        client: ClientId,
+        update: ReceivedUpdate,
+        incoming: PathBuf,
+        reply: oneshot::Sender<UpdateVerdict>,
+    },
+    Failed {
+        client: ClientId,
+        task: TaskId,
+        reason: String,
+    },
+    Gone {
+        client: ClientId,
+        connection: u64,
+    },
+    Stop,
+}
+
+/// The coordinator's answer to an offered update.
+enum UpdateVerdict {
+    Accepted,
+    Refused(String),
+    Internal(String),
+}
+
+/// What the coordinator thread tells a connection.
+enum ToClient {
+    Task {
+        task: TaskId,
+        local_steps: u32,
+        broadcast: SharedBroadcast,
+    },
+    Cancel(TaskId),
+    Close(ErrorCode, String),
+    Finished(ModelVersion),
+}
+
+/// What every connection task shares.
+struct Shared {
+    requests: std_mpsc::Sender<Request>,
+    layout: Arc<Layout>,
+    state_dir: PathBuf,
+    limits: Limits,
+    lr: f32,
+    codec: String,
+    allow_anonymous: bool,
+    transfer_timeout: Duration,
+    uploads: AtomicU64,
+    finished: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Runs the server of the data directory until the run finishes (or `stop` resolves); returns the
+/// run's summary.
+pub fn serve(dir: &DataDir, data_dir: Option<&Path>) -> Result<RunSummary> {
+    let config = ServerConfig::load(&dir.config())?;
+    let (ca, server_pair) = dir.load_pki()?;
+    let run = Run::open(config.clone(), dir.root(), data_dir)?;
+    if run.is_finished() {
+        tracing::info!("the run in {} is already finished", dir.root().display());
+        return Ok(run.summary());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fl-server-io")
+        .build()
+        .context("starting the async runtime")?;
+    let auth = if config.server.allow_anonymous {
+        tracing::warn!("allow_anonymous = true: clients without certificates are accepted");
+        ClientAuth::Optional
+    } else {
+        ClientAuth::Required
+    };
+    let timeouts = Timeouts {
+        idle: Duration::from_secs_f64(config.server.idle_timeout_s),
+        keep_alive: Duration::from_secs_f64((config.server.idle_timeout_s / 4.0).max(0.5)),
+    };
+    let endpoint = runtime.block_on(async {
+        server_endpoint(config.server.listen, &ca.cert, &server_pair, auth, timeouts)
+            .with_context(|| format!("listening on {}", config.server.listen))
+    })?;
+    let local = endpoint.local_addr().context("reading the bound address")?;
+    tracing::info!(address = %local, version = %run.version(), "fl-server listening");
+    // For scripts: the bound address (the configured port may be 0).
+    let _ = std::fs::write(dir.root().join("listening"), local.to_string());
+
+    let (requests, inbox) = std_mpsc::channel();
+    let (finished_tx, finished_rx) = tokio::sync::watch::channel(false);
+    let shared = Arc::new(Shared {
+        requests: requests.clone(),
+        layout: run.layout(),
+        state_dir: run.state_dir().to_path_buf(),
+        limits: Limits {
+            max_control_frame: Limits::default().max_control_frame,
+            max_payload_bytes: config.server.max_payload_bytes,
+        },
+        lr: config.algorithm.local_lr,
+        codec: config.codec.to_string(),
+        allow_anonymous: config.server.allow_anonymous,
+        transfer_timeout: Duration::from_secs_f64(config.server.transfer_timeout_s),
+        uploads: AtomicU64::new(0),
+        finished: finished_rx,
+    });
+    let grace = Duration::from_secs_f64(config.server.reconnect_grace_s);
+    let coordinator = std::thread::Builder::new()
+        .name("fl-server-coordinator".into())
+        .spawn(move || coordinate(run, inbox, grace, finished_tx))
+        .context("starting the coordinator thread")?;
+
+    runtime.block_on(async {
+        let accept = {
+            let endpoint = endpoint.clone();
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                while let Some(incoming) = endpoint.accept().await {
+                    tokio::spawn(serve_connection(incoming, shared.clone()));
+                }
+            })
+        };
+        let mut finished = shared.finished.clone();
+        tokio::select! {
+            _ = finished.wait_for(|f| *f) => {
+                // Let connections deliver the end of the run before closing the endpoint.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            _ = shutdown_signal() => {
+                tracing::info!("stopping on a signal; the run resumes at the next start");
+                let _ = requests.send(Request::Stop);
+            }
+        }
+        endpoint.close(0u32.into(), b"server stopping");
+        accept.abort();
+        tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle())
+            .await
+            .ok();
+    });
+    drop(requests);
+    drop(shared);
+    let summary = coordinator
+        .join()
+        .map_err(|_| anyhow::anyhow!("the coordinator thread panicked"))??;
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(summary)
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A connected client as the coordinator thread knows it.
+struct Connected {
+    connection: u64,
+    outbox: mpsc::UnboundedSender<ToClient>,
+}
+
+/// The coordinator thread: owns the run, serves requests, fires timers.
+fn coordinate(
+    mut run: Run,
+    inbox: std_mpsc::Receiver<Request>,
+    grace: Duration,
+    finished: tokio::sync::watch::Sender<bool>,
+) -> Result<RunSummary> {
+    let mut connected: HashMap<ClientId, Connected> = HashMap::new();
+    // Registered clients without a connection, and when they count as gone.
+    let mut away: HashMap<ClientId, Instant> = HashMap::new();
+    // Clients the Coordinator still knows from the log: they have one grace period to come back.
+    let started = Instant::now();
+    for (client, _) in run.coordinator().clients() {
+        away.insert(client, started + grace);
+    }
+    loop {
+        let now = Instant::now();
+        let timer = run.next_wakeup().map(|at| {
+            let wait = at.as_micros().saturating_sub(run.now().as_micros());
+            now + Duration::from_micros(wait)
+        });
+        let deadline = away.values().copied().chain(timer).min();
+        let request = match deadline {
+            Some(d) => match inbox.recv_timeout(d.saturating_duration_since(now)) {
+                Ok(r) => Some(r),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+            },
+            None => match inbox.recv() {
+                Ok(r) => Some(r),
+                Err(_) => break,
+            },
+        };
+        let mut outgoing = Vec::new();
+        match request {
+            Some(Request::Stop) => break,
+            Some(request) => {
+                handle_request(&mut run, request, grace, &mut connected, &mut away, &mut outgoing)?;
+            }
+            None => {}
+        }
+        // Timers and grace periods that are due.
+        let now = Instant::now();
+        let gone: Vec<ClientId> = away.iter().filter(|(_, d)| **d <= now).map(|(c, _)| *c).collect();
+        for client in gone {
+            away.remove(&client);
+            if run.is_registered(client) {
+                tracing::info!(%client, "did not come back; its task is lost");
+                outgoing.extend(run.handle(Event::Left { client })?);
+            }
+        }
+        if run.next_wakeup().is_some_and(|at| at <= run.now()) {
+            outgoing.extend(run.handle(Event::Timer)?);
+        }
+        dispatch(&mut run, outgoing, &mut connected);
+        if run.is_finished() {
+            let version = run.version();
+            for c in connected.values() {
+                let _ = c.outbox.send(ToClient::Finished(version));
+            }
+            let _ = finished.send(true);
+            break;
+        }
+    }
+    run.flush()?;
+    Ok(run.summary())
+}
+
+fn handle_request(
+    run: &mut Run,
+    request: Request,
+    grace: Duration,
+    connected: &mut HashMap<ClientId, Connected>,
+    away: &mut HashMap<ClientId, Instant>,
+    outgoing: &mut Vec<Outgoing>,
+) -> Result<()> {
+    match request {
+        Request::Hello {
+            name,
+            num_samples,
+            holding,
+            connection,
+            outbox,
+            reply,
+        } => {
+            let client = match run.client_id(&name) {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = reply.send(Err(format!("{e:#}")));
+                    return Ok(());
+                }
+            };
+            if let Some(previous) = connected.insert(client, Connected { connection, outbox }) {
+                let _ = previous.outbox.send(ToClient::Close(
+                    ErrorCode::Unexpected,
+                    "replaced by a newer connection".into(),
+                ));
+            }
+            away.remove(&client);
+            let _ = reply.send(Ok((client, run.description())));
+            if run.is_finished() {
+                return Ok(());
+            }
+            if !run.is_registered(client) {
+                tracing::info!(%client, name, num_samples, "joined");
+                outgoing.extend(run.handle(Event::Joined { client, num_samples })?);
+            } else if let Some(record) = run.running_task_of(client) {
+                tracing::info!(%client, name, task = %record.task, "reconnected");
+                if holding != Some(record.task) {
+                    if record.version == run.version() {
+                        outgoing.push(Outgoing::Task {
+                            client,
+                            task: record.task,
+                            version: record.version,
+                            local_steps: record.local_steps,
+                        });
+                    } else {
+                        // Its broadcast is gone: the task is lost and the scheduler moves on.
+                        outgoing.extend(run.handle(Event::TaskFailed { task: record.task })?);
+                    }
+                }
+            }
+        }
+        Request::Update {
+            client,
+            update,
+            incoming,
+            reply,
+        } => {
+            let task = update.meta.task;
+            let verdict = if update.meta.client != client {
+                let _ = std::fs::remove_file(&incoming);
+                UpdateVerdict::Refused(format!("{task} is not this client's"))
+            } else {
+                match run.offer_update(update, &incoming) {
+                    Ok(Offer::Accepted(out)) => {
+                        outgoing.extend(out);
+                        UpdateVerdict::Accepted
+                    }
+                    Ok(Offer::Duplicate) => UpdateVerdict::Accepted,
+                    Ok(Offer::Refused(e)) => UpdateVerdict::Refused(e.to_string()),
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), %task, "could not store an update");
+                        UpdateVerdict::Internal(format!("{e:#}"))
+                    }
+                }
+            };
+            let _ = reply.send(verdict);
+        }
+        Request::Failed { client, task, reason } => {
+            if run
+                .coordinator()
+                .running_task(task)
+                .is_some_and(|r| r.client == client)
+            {
+                tracing::info!(%client, %task, reason, "task failed");
+                outgoing.extend(run.handle(Event::TaskFailed { task })?);
+            }
+        }
+        Request::Gone { client, connection } => {
+            if connected.get(&client).is_some_and(|c| c.connection == connection) {
+                connected.remove(&client);
+                if run.is_registered(client) {
+                    away.insert(client, Instant::now() + grace);
+                }
+            }
+        }
+        Request::Stop => {}
+    }
+    Ok(())
+}
+
+/// Hands what the run decided to the connections it concerns.
+fn dispatch(run: &mut Run, outgoing: Vec<Outgoing>, connected: &mut HashMap<ClientId, Connected>) {
+    for out in outgoing {
+        match out {
+            Outgoing::Task {
+                client,
+                task,
+                version,
+                local_steps,
+            } => {
+                let broadcast = run.broadcast().clone();
+                debug_assert_eq!(broadcast.version, version);
+                match connected.get(&client) {
+                    Some(c) => {
+                        run.count_download(broadcast.bytes());
+                        let _ = c.outbox.send(ToClient::Task {
+                            task,
+                            local_steps,
+                            broadcast,
+                        });
+                    }
+                    // Away: it gets the task when it reconnects within its grace period.
+                    None => tracing::debug!(%client, %task, "task for a client that is away"),
+                }
+            }
+            Outgoing::Cancel { client, task } => {
+                if let Some(c) = connected.get(&client) {
+                    let _ = c.outbox.send(ToClient::Cancel(task));
+                }
+            }
+            Outgoing::Evict { client, reason } => {
+                if let Some(c) = connected.remove(&client) {
+                    let _ = c.outbox.send(ToClient::Close(ErrorCode::Unexpected, reason));
+                }
+            }
+            Outgoing::Finished => {}
+        }
+    }
+}
+
+/// Why a connection is closed.
+struct Fatal(ErrorCode, String);
+
+impl From<StreamError> for Fatal {
+    fn from(e: StreamError) -> Self {
+        let code = match &e {
+            StreamError::TooLarge { .. }
+            | StreamError::Frame(shoal_net::framing::FrameError::TooLarge { .. }) => ErrorCode::TooLarge,
+            StreamError::Frame(_) | StreamError::Truncated { .. } | StreamError::TrailingBytes { .. } => {
+                ErrorCode::Malformed
+            }
+            _ => ErrorCode::Internal,
+        };
+        Fatal(code, e.to_string())
+    }
+}
+
+static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+
+async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(%remote, error = %e, "handshake refused");
+            return;
+        }
+    };
+    let connection = CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+    let mut session = Session {
+        conn: conn.clone(),
+        shared: shared.clone(),
+        client: None,
+        task_of_upload: None,
+    };
+    let result = session.run(connection).await;
+    if let Some(client) = session.client {
+        // A client cut off by an error loses the task it was uploading at once, so a round
+        // does not wait out its grace period for it.
+        if let (Err(_), Some(task)) = (&result, session.task_of_upload) {
+            let _ = shared.requests.send(Request::Failed {
+                client,
+                task,
+                reason: "disconnected for a bad upload".into(),
+            });
+        }
+        let _ = shared.requests.send(Request::Gone { client, connection });
+    }
+    match result {
+        Ok(()) => conn.close(0u32.into(), b"bye"),
+        Err(Fatal(code, message)) => {
+            tracing::warn!(%remote, ?code, message, "closing a connection");
+            conn.close(code.close_code().into(), message.as_bytes());
+        }
+    }
+}
+
+struct Session {
+    conn: quinn::Connection,
+    shared: Arc<Shared>,
+    client: Option<ClientId>,
+    /// The task of the upload being received, if any.
+    task_of_upload: Option<TaskId>,
+}
+
+impl Session {
+    async fn run(&mut self, connection: u64) -> Result<(), Fatal> {
+        let shared = self.shared.clone();
+        let (mut send, recv) = tokio::time::timeout(Duration::from_secs(10), self.conn.accept_bi())
+            .await
+            .map_err(|_| Fatal(ErrorCode::Unexpected, "no control stream within 10 s".into()))?
+            .map_err(|e| Fatal(ErrorCode::Internal, e.to_string()))?;
+        let mut reader = MessageReader::new(recv, shared.limits.max_control_frame);
+        let hello = tokio::time::timeout(Duration::from_secs(10), reader.next_message::<ClientMessage>())
+            .await
+            .map_err(|_| Fatal(ErrorCode::Unexpected, "no Hello within 10 s".into()))??;
+        let Some(ClientMessage::Hello {
+            protocol_version,
+            name,
+            profile,
+            holding,
+            ..
+        }) = hello
+        else {
+            return Err(self
+                .refuse(
+                    &mut send,
+                    ErrorCode::Unexpected,
+                    "the first message must be Hello",
+                )
+                .await);
+        };
+        if protocol_version != PROTOCOL_VERSION {
+            let message =
+                format!("this server speaks protocol {PROTOCOL_VERSION}, the client {protocol_version}");
+            return Err(self.refuse(&mut send, ErrorCode::VersionMismatch, &message).await);
+        }
+        let name = match tls::peer_name(&self.conn) {
+            Some(certified) => certified,
+            None if shared.allow_anonymous && tls::is_valid_name(&name) => name,
+            None => {
+                return Err(self
+                    .refuse(
+                        &mut send,
+                        ErrorCode::Unexpected,
+                        "a client certificate is required",
+                    )
+                    .await);
+            }
+        };
+        let (outbox, mut to_client) = mpsc::unbounded_channel();
+        let (reply, welcome) = oneshot::channel();
+        let _ = shared.requests.send(Request::Hello {
+            name: name.clone(),
+            num_samples: profile.num_samples,
+            holding,
+            connection,
+            outbox,
+            reply,
+        });
+        let (client, run) = match welcome.await {
+            Ok(Ok(w)) => w,
+            Ok(Err(message)) => return Err(self.refuse(&mut send, ErrorCode::Internal, &message).await),
+            Err(_) => return Err(Fatal(ErrorCode::Internal, "the server is stopping".into())),
+        };
+        self.client = Some(client);
+        write_message(
+            &mut send,
+            &ServerMessage::Welcome {
+                protocol_version: PROTOCOL_VERSION,
+                client,
+                limits: shared.limits,
+                run,
+            },
+        )
+        .await?;
+        if *shared.finished.borrow() {
+            write_message(
+                &mut send,
+                &ServerMessage::Finished {
+                    version: ModelVersion(0),
+                },
+            )
+            .await?;
+        }
+        tracing::debug!(%client, name, "session open");
+        loop {
+            tokio::select! {
+                message = reader.next_message::<ClientMessage>() => {
+                    match message? {
+                        Some(ClientMessage::UpdateReady { meta, payload_bytes }) => {
+                            self.task_of_upload = Some(meta.task);
+                            let reply = self.receive_update(client, meta, payload_bytes).await?;
+                            self.task_of_upload = None;
+                            write_message(&mut send, &reply).await?;
+                        }
+                        Some(ClientMessage::TaskFailed { task, reason }) => {
+                            let _ = shared.requests.send(Request::Failed { client, task, reason });
+                        }
+                        Some(ClientMessage::Bye) | None => return Ok(()),
+                        Some(ClientMessage::Hello { .. }) => {
+                            return Err(self.refuse(&mut send, ErrorCode::Unexpected, "a second Hello").await);
+                        }
+                    }
+                }
+                out = to_client.recv() => {
+                    match out {
+                        Some(ToClient::Task { task, local_steps, broadcast }) => {
+                            write_message(&mut send, &ServerMessage::Task {
+                                task,
+                                version: broadcast.version,
+                                local_steps,
+                                lr: shared.lr,
+                                codec: shared.codec.clone(),
+                                model_bytes: broadcast.bytes(),
+                            }).await?;
+                            // The model goes on its own stream, so control traffic is never behind it.
+                            let conn = self.conn.clone();
+                            tokio::spawn(async move {
+                                let header = StreamHeader::Model {
+                                    task,
+                                    version: broadcast.version,
+                                    vectors: broadcast.vectors.clone(),
+                                    dim: broadcast.data.first().map_or(0, |v| v.len() as u64),
+                                };
+                                let body: Vec<&[u8]> =
+                                    broadcast.data.iter().map(|v| bytemuck::cast_slice::<f32, u8>(v)).collect();
+                                if let Err(e) = send_stream(&conn, &header, &body).await {
+                                    tracing::debug!(%task, error = %e, "model transfer failed");
+                                }
+                            });
+                        }
+                        Some(ToClient::Cancel(task)) => {
+                            write_message(&mut send, &ServerMessage::Cancel { task }).await?;
+                        }
+                        Some(ToClient::Close(code, message)) => {
+                            return Err(self.refuse(&mut send, code, &message).await);
+                        }
+                        Some(ToClient::Finished(version)) => {
+                            write_message(&mut send, &ServerMessage::Finished { version }).await?;
+                            let _ = send.finish();
+                            // Wait for the client to close (bounded), so the message is delivered.
+                            let _ = tokio::time::timeout(Duration::from_secs(5), self.conn.closed()).await;
+                            return Ok(());
+                        }
+                        None => return Ok(()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends an error and returns the fatal outcome that closes the connection.
+    async fn refuse(&self, send: &mut quinn::SendStream, code: ErrorCode, message: &str) -> Fatal {
+        let _ = write_message(
+            send,
+            &ServerMessage::Error {
+                code,
+                message: message.to_string(),
+            },
+        )
+        .await;
+        // Give the error a moment to leave before the close overtakes it.
+        let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
+        Fatal(code, message.to_string())
+    }
+
+    /// Receives, decodes, stores and offers one update; the answer for the control stream.
+    async fn receive_update(
+        &mut self,
+        client: ClientId,
+        meta: UpdateMeta,
+        payload_bytes: u64,
+    ) -> Result<ServerMessage, Fatal> {
+        let shared = self.shared.clone();
+        if payload_bytes > shared.limits.max_payload_bytes {
+            return Err(Fatal(
+                ErrorCode::TooLarge,
+                format!(
+                    "an update of {payload_bytes} bytes exceeds the limit of {}",
+                    shared.limits.max_payload_bytes
+                ),
+            ));
+        }
+        let receive = async {
+            let mut stream = self
+                .conn
+                .accept_uni()
+                .await
+                .map_err(|e| Fatal(ErrorCode::Internal, e.to_string()))?;
+            let header = read_header(&mut stream, shared.limits.max_control_frame).await?;
+            let StreamHeader::Update { task, part_bytes } = header else {
+                return Err(Fatal(ErrorCode::Unexpected, "expected an update stream".into()));
+            };
+            let total = StreamHeader::Update {
+                task,
+                part_bytes: part_bytes.clone(),
+            }
+            .body_bytes();
+            if task != meta.task || total != payload_bytes {
+                return Err(Fatal(
+                    ErrorCode::Malformed,
+                    format!(
+                        "the update stream ({task}, {total} bytes) does not match UpdateReady ({}, {payload_bytes} bytes)",
+                        meta.task
+                    ),
+                ));
+            }
+            let body = read_body(&mut stream, total, shared.limits.max_payload_bytes).await?;
+            Ok::<_, Fatal>((part_bytes, body))
+        };
+        let (part_bytes, body) = tokio::time::timeout(shared.transfer_timeout, receive)
+            .await
+            .map_err(|_| Fatal(ErrorCode::Unexpected, "the update transfer timed out".into()))??;
+        let upload = shared.uploads.fetch_add(1, Ordering::Relaxed);
+        let incoming = Store::incoming_path(&shared.state_dir, upload);
+        let layout = shared.layout.clone();
+        let path = incoming.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
+            let parts = decode_update(&body, &part_bytes, &layout)?;
+            files::write_atomic(&path, &[&body]).map_err(|e| format!("storing: {e}"))?;
+            Ok::<_, String>((part_bytes, files::content_hash(&[&body]), parts))
+        })
+        .await
+        .map_err(|e| Fatal(ErrorCode::Internal, e.to_string()))?;
+        let (part_bytes, hash, parts) = prepared.map_err(|e| {
+            Fatal(
+                ErrorCode::Malformed,
+                format!("the update of {} is unusable: {e}", meta.task),
+            )
+        })?;
+        let task = meta.task;
+        let (reply, verdict) = oneshot::channel();
+        let _ = shared.requests.send(Request::Update {
+            client,
+            update: ReceivedUpdate {
+                meta,
+                part_bytes,
+                hash,
+                parts,
+            },
+            incoming,
+            reply,
+        });
+        match verdict.await {
+            Ok(UpdateVerdict::Accepted) => Ok(ServerMessage::UpdateAccepted { task }),
+            Ok(UpdateVerdict::Refused(message)) => Ok(ServerMessage::Error {
+                code: ErrorCode::UnknownTask,
+                message,
+            }),
+            Ok(UpdateVerdict::Internal(message)) => Err(Fatal(ErrorCode::Internal, message)),
+            Err(_) => Err(Fatal(ErrorCode::Internal, "the server is stopping".into())),
+        }
+    }
+}

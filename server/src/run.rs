@@ -1,0 +1,716 @@
+//! One federated run as fl-server drives it: the Coordinator fed with real time, the server rule
+//! folding decoded updates, and every step made durable through [`Store`] before anyone is told.
+//!
+//! This is the server's counterpart of fl-sim's engine and has no networking: the daemon hands it
+//! events and decoded updates and carries out the [`Outgoing`] messages it returns. On
+//! [`Run::open`] it restores the last committed version and replays the event log into a fresh
+//! Coordinator (same configuration, same seed, so the same decisions): acknowledged updates that
+//! no committed version holds are folded again from their files; nothing is folded twice.
+
+use crate::config::ServerConfig;
+use crate::store::{PendingUpdate, Store, StoreError};
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use shoal_aggregators::{
+    Accumulator, Algorithm, ApplyContext, Broadcast, Command, Coordinator, CoordinatorError, Event,
+    ServerState, TaskRecord,
+};
+use shoal_compression::DecodeLimits;
+use shoal_core::{ClientId, Layout, ModelVersion, TaskId, Timestamp, UpdateMeta};
+use shoal_model::Model;
+use shoal_model::data::{Dataset, resolve_data_root};
+use shoal_model::train::evaluate;
+use shoal_net::protocol::{BroadcastVector, RunDescription};
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What the daemon must tell clients.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outgoing {
+    /// Send `client` a task and the broadcast of `version`.
+    Task {
+        /// The client.
+        client: ClientId,
+        /// The task.
+        task: TaskId,
+        /// The version to train from (the current one).
+        version: ModelVersion,
+        /// Local steps.
+        local_steps: u32,
+    },
+    /// Tell `client` to drop `task`.
+    Cancel {
+        /// The client.
+        client: ClientId,
+        /// The task.
+        task: TaskId,
+    },
+    /// Disconnect `client`.
+    Evict {
+        /// The client.
+        client: ClientId,
+        /// Why.
+        reason: String,
+    },
+    /// The run is over: tell every client and stop.
+    Finished,
+}
+
+/// The broadcast of the current version, shared by every transfer of it.
+#[derive(Debug, Clone)]
+pub struct SharedBroadcast {
+    /// The version.
+    pub version: ModelVersion,
+    /// Which vectors, in order.
+    pub vectors: Vec<BroadcastVector>,
+    /// The vectors.
+    pub data: Vec<Arc<[f32]>>,
+}
+
+impl SharedBroadcast {
+    fn new(version: ModelVersion, b: &Broadcast) -> Self {
+        let mut vectors = vec![BroadcastVector::Model];
+        let mut data = vec![b.x.clone()];
+        for (kind, v) in [
+            (BroadcastVector::ControlVariate, &b.c),
+            (BroadcastVector::Direction, &b.g),
+            (BroadcastVector::PreviousModel, &b.x_prev),
+        ] {
+            if let Some(v) = v {
+                vectors.push(kind);
+                data.push(v.clone());
+            }
+        }
+        Self {
+            version,
+            vectors,
+            data,
+        }
+    }
+
+    /// Bytes on a model stream (without its header).
+    pub fn bytes(&self) -> u64 {
+        self.data.iter().map(|v| v.len() as u64 * 4).sum()
+    }
+}
+
+/// What became of an offered update.
+#[derive(Debug, PartialEq)]
+pub enum Offer {
+    /// Durable and handed to the Coordinator: acknowledge it.
+    Accepted(Vec<Outgoing>),
+    /// Accepted before (a resend after a lost acknowledgement): acknowledge it again.
+    Duplicate,
+    /// Not for a running task of this client, or the run is over.
+    Refused(CoordinatorError),
+}
+
+/// An update as a connection received it: decoded, checked, and written to a file.
+#[derive(Debug)]
+pub struct ReceivedUpdate {
+    /// Its metadata, as the client sent it.
+    pub meta: UpdateMeta,
+    /// Bytes of each encoded part.
+    pub part_bytes: Vec<u64>,
+    /// Hash of the payload file.
+    pub hash: u64,
+    /// The decoded parts.
+    pub parts: Vec<Vec<f32>>,
+}
+
+/// One line of `metrics.jsonl`: a committed version.
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionMetrics {
+    /// The version.
+    pub version: u64,
+    /// Run time (seconds; time the server was down does not count).
+    pub time_s: f64,
+    /// Updates folded into it.
+    pub updates: usize,
+    /// Held-out accuracy, if evaluated.
+    pub accuracy: Option<f64>,
+    /// Held-out loss, if evaluated.
+    pub loss: Option<f64>,
+    /// Update payload bytes accepted so far.
+    pub bytes_up: u64,
+    /// Model bytes sent so far.
+    pub bytes_down: u64,
+    /// Updates folded since the start of the run.
+    pub updates_folded: u64,
+}
+
+/// What `summary.json` holds when a run finishes.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    /// Versions produced.
+    pub rounds: u64,
+    /// Held-out accuracy of the initial model.
+    pub initial_accuracy: Option<f64>,
+    /// Held-out accuracy of the last version.
+    pub final_accuracy: Option<f64>,
+    /// Update payload bytes accepted.
+    pub bytes_up: u64,
+    /// Model bytes sent.
+    pub bytes_down: u64,
+    /// Run time, seconds.
+    pub time_s: f64,
+    /// Updates folded over the run.
+    pub updates_folded: u64,
+    /// Rule and scheduler.
+    pub algorithm: String,
+}
+
+/// A run in progress.
+pub struct Run {
+    config: ServerConfig,
+    model: Arc<Model>,
+    algorithm: Algorithm,
+    coordinator: Coordinator,
+    state: ServerState,
+    accumulator: Accumulator,
+    broadcast: SharedBroadcast,
+    store: Store,
+    /// Decoded updates waiting for their fold or discard.
+    held: HashMap<TaskId, Vec<Vec<f32>>>,
+    /// Tasks folded into the aggregation in progress.
+    folded: Vec<TaskId>,
+    /// Every task whose update was acknowledged (resends are acknowledged again, never re-folded).
+    accepted: HashSet<TaskId>,
+    committed: ModelVersion,
+    eval: Option<Dataset>,
+    metrics_path: PathBuf,
+    summary_path: PathBuf,
+    clock_base: Timestamp,
+    clock_start: Instant,
+    bytes_up: u64,
+    bytes_down: u64,
+    updates_folded: u64,
+    initial_accuracy: Option<f64>,
+    last_accuracy: Option<f64>,
+    finished: bool,
+}
+
+/// Decodes an update's payloads (one per part, back to back in `bytes`) for `layout`, checking
+/// sizes and that every value is finite.
+pub fn decode_update(bytes: &[u8], part_bytes: &[u64], layout: &Layout) -> Result<Vec<Vec<f32>>, String> {
+    let limits = DecodeLimits::for_dim(layout.len());
+    let total: u64 = part_bytes.iter().fold(0u64, |a, &b| a.saturating_add(b));
+    if total != bytes.len() as u64 {
+        return Err(format!("parts announce {total} bytes, {} arrived", bytes.len()));
+    }
+    let mut rest = bytes;
+    let mut parts = Vec::with_capacity(part_bytes.len());
+    for &len in part_bytes {
+        let (payload, tail) = rest.split_at(len as usize);
+        rest = tail;
+        let (values, _) = shoal_compression::decode(payload, layout, &limits).map_err(|e| e.to_string())?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(format!("value {i} is not finite"));
+        }
+        parts.push(values);
+    }
+    Ok(parts)
+}
+
+impl Run {
+    /// Opens the run stored under `state_dir` (creating it on first start), restoring the last
+    /// committed version and replaying the event log.
+    pub fn open(config: ServerConfig, run_dir: &Path, data_dir: Option<&Path>) -> Result<Self> {
+        let state_dir = run_dir.join("state");
+        let store = Store::open(&state_dir, config.fingerprint())?;
+        let (shape, classes) = config.data.dataset.shape(&config.data.synthetic);
+        let model = Arc::new(
+            config
+                .model
+                .build(&shape, classes)
+                .with_context(|| format!("[model] `{}`", config.model.name))?,
+        );
+        let (algorithm, coordinator) = config.algorithm.build(config.seed).context("[algorithm]")?;
+        let eval = if config.eval.enabled {
+            let root = data_dir
+                .map(Path::to_path_buf)
+                .or_else(|| config.data.data_dir.clone());
+            let root = match config.data.dataset {
+                shoal_model::data::DatasetName::Mnist => Some(resolve_data_root(root.as_deref())?),
+                shoal_model::data::DatasetName::Synthetic => None,
+            };
+            let data = config
+                .data
+                .dataset
+                .load(root.as_deref(), &config.data.synthetic)
+                .context("loading the held-out set for [eval] (set enabled = false to run without)")?;
+            Some(match config.eval.test_samples {
+                Some(n) => data.test.head(n),
+                None => data.test,
+            })
+        } else {
+            None
+        };
+        let committed = store.committed_version()?;
+        let state = match committed {
+            Some(v) => store.load_version(v).with_context(|| format!("restoring {v}"))?,
+            None => {
+                let x0 = model.init_params(config.seed).as_slice().to_vec();
+                let state = algorithm.server.init_state(x0);
+                store.commit_version(ModelVersion(0), &state, Timestamp::ZERO, Vec::new())?;
+                state
+            }
+        };
+        if state.x.len() != model.num_params() {
+            bail!(
+                "the stored model has {} parameters, `{}` has {}",
+                state.x.len(),
+                config.model.name,
+                model.num_params()
+            );
+        }
+        let swept = store.sweep_orphans()?;
+        if swept > 0 {
+            tracing::info!(files = swept, "removed update files that were never acknowledged");
+        }
+        let fresh = committed.is_none();
+        let committed = committed.unwrap_or(ModelVersion(0));
+        let broadcast = SharedBroadcast::new(committed, &state.broadcast());
+        let finished = store.is_finished()?;
+        let mut run = Self {
+            accumulator: algorithm.server.accumulator(model.num_params()),
+            metrics_path: run_dir.join("metrics.jsonl"),
+            summary_path: run_dir.join("summary.json"),
+            config,
+            model,
+            algorithm,
+            coordinator,
+            state,
+            broadcast,
+            store,
+            held: HashMap::new(),
+            folded: Vec::new(),
+            accepted: HashSet::new(),
+            committed,
+            eval,
+            clock_base: Timestamp::ZERO,
+            clock_start: Instant::now(),
+            bytes_up: 0,
+            bytes_down: 0,
+            updates_folded: 0,
+            initial_accuracy: None,
+            last_accuracy: None,
+            finished,
+        };
+        run.restore_metrics();
+        run.replay()?;
+        if fresh {
+            run.record_version(ModelVersion(0), 0)?;
+        }
+        Ok(run)
+    }
+
+    /// Takes the counters of a previous start from `metrics.jsonl` (initial accuracy, bytes so far,
+    /// the last accuracy), so a restarted run reports the whole run.
+    fn restore_metrics(&mut self) {
+        let Ok(text) = std::fs::read_to_string(&self.metrics_path) else {
+            return;
+        };
+        for line in text.lines() {
+            let Ok(record) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let accuracy = record.get("accuracy").and_then(serde_json::Value::as_f64);
+            if record.get("version").and_then(serde_json::Value::as_u64) == Some(0) {
+                self.initial_accuracy = accuracy;
+            }
+            if accuracy.is_some() {
+                self.last_accuracy = accuracy;
+            }
+            let count = |key: &str| record.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0);
+            self.bytes_up = self.bytes_up.max(count("bytes_up"));
+            self.bytes_down = self.bytes_down.max(count("bytes_down"));
+            self.updates_folded = self.updates_folded.max(count("updates_folded"));
+        }
+    }
+
+    /// Feeds the logged events to the fresh Coordinator, carrying out only what is not yet
+    /// durable (folds of uncommitted updates, aggregations after the committed version).
+    fn replay(&mut self) -> Result<()> {
+        let events: Vec<(Timestamp, Event)> = self.store.events().collect::<Result<_, StoreError>>()?;
+        let count = events.len();
+        let mut last = Timestamp::ZERO;
+        for (at, event) in events {
+            last = at;
+            if let Event::UpdateArrived(meta) = &event {
+                self.accepted.insert(meta.task);
+            }
+            match self.coordinator.handle(at, event) {
+                Ok(commands) => {
+                    self.carry_out(commands, true)?;
+                }
+                Err(e) => tracing::debug!(error = %e, "a logged event was refused again on replay"),
+            }
+        }
+        self.clock_base = last;
+        self.clock_start = Instant::now();
+        if count > 0 {
+            tracing::info!(
+                events = count,
+                version = %self.coordinator.version(),
+                committed = %self.committed,
+                pending = self.coordinator.held_updates() + self.coordinator.pending_folds(),
+                "restored the run from its log"
+            );
+        }
+        Ok(())
+    }
+
+    /// Run time: the time of the last logged event before this start, plus time since.
+    pub fn now(&self) -> Timestamp {
+        self.clock_base.after(self.clock_start.elapsed())
+    }
+
+    /// When the Coordinator wants an [`Event::Timer`].
+    pub fn next_wakeup(&self) -> Option<Timestamp> {
+        self.coordinator.next_wakeup()
+    }
+
+    /// Whether the run has finished.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// The current global version.
+    pub fn version(&self) -> ModelVersion {
+        self.coordinator.version()
+    }
+
+    /// The broadcast of the current version.
+    pub fn broadcast(&self) -> &SharedBroadcast {
+        &self.broadcast
+    }
+
+    /// The model layout updates are decoded against.
+    pub fn layout(&self) -> Arc<Layout> {
+        self.model.layout().clone()
+    }
+
+    /// The state directory (update files are written there by connections).
+    pub fn state_dir(&self) -> &Path {
+        self.store.dir()
+    }
+
+    /// What a client must know to take part.
+    pub fn description(&self) -> RunDescription {
+        RunDescription {
+            model: self.config.model.name.clone(),
+            dim: self.model.num_params() as u64,
+            batch_size: self.config.model.batch_size as u32,
+            rule_json: serde_json::to_string(&self.config.algorithm.rule).unwrap_or_default(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// The Coordinator (read-only), for status.
+    pub fn coordinator(&self) -> &Coordinator {
+        &self.coordinator
+    }
+
+    /// The stable id of a client name.
+    pub fn client_id(&self, name: &str) -> Result<ClientId> {
+        Ok(self.store.client_id(name)?)
+    }
+
+    /// Whether the Coordinator knows the client (it is registered and has not left).
+    pub fn is_registered(&self, client: ClientId) -> bool {
+        self.coordinator.clients().any(|(c, _)| c == client)
+    }
+
+    /// The task `client` is running, if any.
+    pub fn running_task_of(&self, client: ClientId) -> Option<TaskRecord> {
+        self.coordinator
+            .clients()
+            .find(|(c, _)| *c == client)
+            .and_then(|(_, r)| r.task)
+            .and_then(|t| self.coordinator.running_task(t).copied())
+    }
+
+    /// Counts model bytes sent.
+    pub fn count_download(&mut self, bytes: u64) {
+        self.bytes_down += bytes;
+    }
+
+    /// Logs `event` and hands it to the Coordinator; returns what to tell clients.
+    pub fn handle(&mut self, event: Event) -> Result<Vec<Outgoing>> {
+        if self.finished {
+            return Ok(Vec::new());
+        }
+        let now = self.now();
+        self.store.log_event(now, &event)?;
+        match self.coordinator.handle(now, event) {
+            Ok(commands) => self.carry_out(commands, false),
+            Err(e) => {
+                tracing::warn!(error = %e, "event refused by the Coordinator");
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// Offers a decoded update whose payload file is written at `incoming`: checks it answers a
+    /// running task of its client, makes it durable, and hands it to the Coordinator. A refused or
+    /// duplicate update's file is removed.
+    pub fn offer_update(&mut self, upload: ReceivedUpdate, incoming: &Path) -> Result<Offer> {
+        let offer = self.decide(upload, incoming);
+        if !matches!(offer, Ok(Offer::Accepted(_))) {
+            let _ = std::fs::remove_file(incoming);
+        }
+        offer
+    }
+
+    fn decide(&mut self, upload: ReceivedUpdate, incoming: &Path) -> Result<Offer> {
+        let ReceivedUpdate {
+            meta,
+            part_bytes,
+            hash,
+            parts,
+        } = upload;
+        let task = meta.task;
+        if self.accepted.contains(&task) {
+            return Ok(Offer::Duplicate);
+        }
+        let Some(record) = self.coordinator.running_task(task) else {
+            return Ok(Offer::Refused(CoordinatorError::TaskNotRunning(task)));
+        };
+        if record.client != meta.client {
+            return Ok(Offer::Refused(CoordinatorError::WrongClient {
+                task,
+                expected: record.client,
+                actual: meta.client,
+            }));
+        }
+        if record.version != meta.base_version {
+            return Ok(Offer::Refused(CoordinatorError::WrongVersion {
+                task,
+                expected: record.version,
+                actual: meta.base_version,
+            }));
+        }
+        if self.finished {
+            return Ok(Offer::Refused(CoordinatorError::TaskNotRunning(task)));
+        }
+        let now = self.now();
+        let bytes: u64 = part_bytes.iter().sum();
+        let pending = PendingUpdate {
+            meta: meta.clone(),
+            part_bytes,
+            hash,
+        };
+        self.store.accept_update(now, &pending, incoming)?;
+        tracing::info!(%task, client = %meta.client, bytes, "update stored");
+        self.accepted.insert(task);
+        self.bytes_up += bytes;
+        self.held.insert(task, parts);
+        let commands = self.coordinator.handle(now, Event::UpdateArrived(meta))?;
+        Ok(Offer::Accepted(self.carry_out(commands, false)?))
+    }
+
+    fn carry_out(&mut self, commands: Vec<Command>, replaying: bool) -> Result<Vec<Outgoing>> {
+        let mut out = Vec::new();
+        for command in commands {
+            match command {
+                Command::Train {
+                    client,
+                    task,
+                    version,
+                    local_steps,
+                } => {
+                    if !replaying {
+                        out.push(Outgoing::Task {
+                            client,
+                            task,
+                            version,
+                            local_steps,
+                        });
+                    }
+                }
+                Command::Fold { task, weight, .. } => self.fold(task, weight)?,
+                Command::Discard { task, .. } => {
+                    self.held.remove(&task);
+                    self.store.discard_update(task)?;
+                }
+                Command::Aggregate {
+                    version,
+                    updates,
+                    num_clients,
+                } => {
+                    if version <= self.committed {
+                        // Replaying an aggregation that is already committed: its folds were skipped.
+                        self.accumulator.reset();
+                        self.folded.clear();
+                        continue;
+                    }
+                    self.aggregate(version, updates, num_clients)?;
+                    if self.should_stop(version) {
+                        self.finish()?;
+                        out.push(Outgoing::Finished);
+                        return Ok(out);
+                    }
+                }
+                Command::WakeAt(_) => {}
+                Command::Cancel { client, task } => {
+                    if !replaying {
+                        out.push(Outgoing::Cancel { client, task });
+                    }
+                }
+                Command::Evict { client, reason } => {
+                    if !replaying {
+                        out.push(Outgoing::Evict { client, reason });
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Folds the update of `task`: held in memory when it just arrived, read from its file when
+    /// replaying; absent from both when a committed version already holds it.
+    fn fold(&mut self, task: TaskId, weight: f64) -> Result<()> {
+        let parts = match self.held.remove(&task) {
+            Some(parts) => parts,
+            None => match self.store.pending_update(task)? {
+                Some(pending) => {
+                    let bytes = self.store.read_update(&pending)?;
+                    decode_update(&bytes, &pending.part_bytes, self.model.layout())
+                        .map_err(|e| anyhow::anyhow!("stored update {task}: {e}"))?
+                }
+                None => return Ok(()),
+            },
+        };
+        let views: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
+        self.algorithm
+            .server
+            .fold(&mut self.accumulator, &views, weight)
+            .with_context(|| format!("folding {task}"))?;
+        self.folded.push(task);
+        Ok(())
+    }
+
+    fn aggregate(&mut self, version: ModelVersion, updates: usize, num_clients: usize) -> Result<()> {
+        let ctx = ApplyContext {
+            num_clients,
+            task: self
+                .config
+                .algorithm
+                .local_task(self.config.algorithm.local_steps),
+        };
+        self.algorithm
+            .server
+            .apply(&mut self.state, &self.accumulator, &ctx)
+            .with_context(|| format!("applying {version}"))?;
+        self.accumulator.reset();
+        let tasks = std::mem::take(&mut self.folded);
+        self.updates_folded += tasks.len() as u64;
+        self.store
+            .commit_version(version, &self.state, self.now(), tasks)
+            .with_context(|| format!("committing {version}"))?;
+        self.committed = version;
+        self.store.prune_versions(self.config.storage.keep_versions)?;
+        self.broadcast = SharedBroadcast::new(version, &self.state.broadcast());
+        self.record_version(version, updates)
+    }
+
+    fn due_for_eval(&self, version: ModelVersion) -> bool {
+        let last = self.config.stop.rounds.is_some_and(|r| version.0 >= r);
+        version.0 == 0 || last || self.config.eval.every.is_none_or(|k| version.0 % k == 0)
+    }
+
+    fn record_version(&mut self, version: ModelVersion, updates: usize) -> Result<()> {
+        let evaluation = match &self.eval {
+            Some(test) if self.due_for_eval(version) => Some(
+                evaluate(&self.model, &self.state.x, test, self.config.eval.batch_size)
+                    .context("evaluating the global model")?,
+            ),
+            _ => None,
+        };
+        let accuracy = evaluation.as_ref().map(|e| e.accuracy);
+        if version == ModelVersion(0) {
+            self.initial_accuracy = accuracy;
+        }
+        if accuracy.is_some() {
+            self.last_accuracy = accuracy;
+        }
+        let record = VersionMetrics {
+            version: version.0,
+            time_s: self.now().as_secs_f64(),
+            updates,
+            accuracy,
+            loss: evaluation.as_ref().map(|e| e.loss),
+            bytes_up: self.bytes_up,
+            bytes_down: self.bytes_down,
+            updates_folded: self.updates_folded,
+        };
+        tracing::info!(
+            version = version.0,
+            updates,
+            accuracy = accuracy.map(|a| format!("{a:.4}")),
+            "committed"
+        );
+        let line = serde_json::to_string(&record)?;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.metrics_path)
+            .with_context(|| format!("opening {}", self.metrics_path.display()))?;
+        writeln!(file, "{line}")?;
+        Ok(())
+    }
+
+    fn should_stop(&self, version: ModelVersion) -> bool {
+        let rounds = self.config.stop.rounds.is_some_and(|r| version.0 >= r);
+        let target = match (self.config.stop.target_accuracy, self.last_accuracy) {
+            (Some(t), Some(a)) => a >= t,
+            _ => false,
+        };
+        rounds || target
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.finished = true;
+        self.store.mark_finished()?;
+        let summary = self.summary();
+        std::fs::write(&self.summary_path, serde_json::to_string_pretty(&summary)?)
+            .with_context(|| format!("writing {}", self.summary_path.display()))?;
+        tracing::info!(
+            rounds = summary.rounds,
+            final_accuracy = summary.final_accuracy,
+            "the run is finished"
+        );
+        Ok(())
+    }
+
+    /// The run's summary so far.
+    pub fn summary(&self) -> RunSummary {
+        RunSummary {
+            rounds: self.committed.0,
+            initial_accuracy: self.initial_accuracy,
+            final_accuracy: self.last_accuracy,
+            bytes_up: self.bytes_up,
+            bytes_down: self.bytes_down,
+            time_s: self.now().as_secs_f64(),
+            updates_folded: self.updates_folded,
+            algorithm: format!(
+                "{} / {}",
+                self.config.algorithm.rule.name(),
+                self.coordinator.scheduler_name()
+            ),
+        }
+    }
+
+    /// Flushes the state index.
+    pub fn flush(&self) -> Result<()> {
+        Ok(self.store.flush()?)
+    }
+}

@@ -1,0 +1,574 @@
+//! The durable state of a run, under `DIR/state/`.
+//!
+//! - Tensors live in files written atomically ([`crate::files`]): `versions/v00000012.bin` (the
+//!   server state of a committed version) and `updates/t000000000000002a.bin` (an acknowledged,
+//!   not yet aggregated update, as it came off the wire).
+//! - sled holds everything else: the index of those files with their hashes, the stable id of
+//!   every client name, the committed version, and the **event log** — every event the
+//!   Coordinator was fed, with its time. The Coordinator is deterministic in its seed, so replaying
+//!   the log rebuilds its exact state (scheduler, rounds, running tasks) after a restart.
+//!
+//! Invariants that make `kill -9` safe at any instant:
+//! - an update is acknowledged only after its file, its index entry and its arrival event are
+//!   durable (one sled transaction, then a flush);
+//! - a version is committed by one transaction that records it, advances the committed version and
+//!   removes the index entries of the updates folded into it — so on replay an update with an
+//!   entry is folded again, one without is already in a committed version, and none is lost or
+//!   counted twice.
+
+use crate::files::{self, FileError};
+use serde::{Deserialize, Serialize};
+use shoal_aggregators::{Event, ServerState};
+use shoal_core::{ClientId, ModelVersion, TaskId, Timestamp, UpdateMeta};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// Errors of the durable state.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// sled failed.
+    #[error("state index: {0}")]
+    Sled(#[from] sled::Error),
+    /// A durable file failed.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// A record did not decode.
+    #[error("state index: damaged record in `{tree}`: {reason}")]
+    Record {
+        /// Which tree.
+        tree: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The directory holds a run of another configuration.
+    #[error(
+        "{dir} holds a run of another configuration (algorithm, model, codec or seed changed); \
+         restore the configuration or start a new data directory"
+    )]
+    OtherRun {
+        /// The state directory.
+        dir: String,
+    },
+    /// A directory could not be created.
+    #[error("creating {path}: {source}")]
+    Create {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// An event as logged (the Coordinator's [`Event`], in a serialisable form).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum LoggedEvent {
+    Joined { client: ClientId, num_samples: u64 },
+    Left { client: ClientId },
+    UpdateArrived(UpdateMeta),
+    TaskFailed { task: TaskId },
+    Timer,
+}
+
+impl From<&Event> for LoggedEvent {
+    fn from(e: &Event) -> Self {
+        match e {
+            Event::Joined { client, num_samples } => LoggedEvent::Joined {
+                client: *client,
+                num_samples: *num_samples,
+            },
+            Event::Left { client } => LoggedEvent::Left { client: *client },
+            Event::UpdateArrived(meta) => LoggedEvent::UpdateArrived(meta.clone()),
+            Event::TaskFailed { task } => LoggedEvent::TaskFailed { task: *task },
+            Event::Timer => LoggedEvent::Timer,
+        }
+    }
+}
+
+impl From<LoggedEvent> for Event {
+    fn from(e: LoggedEvent) -> Self {
+        match e {
+            LoggedEvent::Joined { client, num_samples } => Event::Joined { client, num_samples },
+            LoggedEvent::Left { client } => Event::Left { client },
+            LoggedEvent::UpdateArrived(meta) => Event::UpdateArrived(meta),
+            LoggedEvent::TaskFailed { task } => Event::TaskFailed { task },
+            LoggedEvent::Timer => Event::Timer,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct LogEntry {
+    at: Timestamp,
+    event: LoggedEvent,
+}
+
+/// An acknowledged update waiting to be aggregated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingUpdate {
+    /// Its metadata.
+    pub meta: UpdateMeta,
+    /// Bytes of each encoded part, in order.
+    pub part_bytes: Vec<u64>,
+    /// Hash of the file.
+    pub hash: u64,
+}
+
+/// What the index says about a committed version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    /// The version.
+    pub version: ModelVersion,
+    /// Run time at which it was committed.
+    pub at: Timestamp,
+    /// Hash of its state file.
+    pub hash: u64,
+    /// The updates folded into it.
+    pub tasks: Vec<TaskId>,
+}
+
+const COMMITTED: &[u8] = b"committed_version";
+const FINGERPRINT: &[u8] = b"fingerprint";
+const NEXT_CLIENT: &[u8] = b"next_client";
+const FINISHED: &[u8] = b"finished";
+
+fn key(n: u64) -> [u8; 8] {
+    n.to_be_bytes()
+}
+
+fn decode<T: serde::de::DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Record {
+        tree,
+        reason: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Our own records always serialise; an empty value would fail to decode and be reported.
+    postcard::to_stdvec(value).unwrap_or_default()
+}
+
+fn u64_value(bytes: &[u8]) -> Option<u64> {
+    bytes.try_into().ok().map(u64::from_be_bytes)
+}
+
+/// The durable state of one run.
+pub struct Store {
+    dir: PathBuf,
+    db: sled::Db,
+    meta: sled::Tree,
+    events: sled::Tree,
+    clients: sled::Tree,
+    updates: sled::Tree,
+    versions: sled::Tree,
+    next_event: u64,
+}
+
+impl Store {
+    /// Opens (or creates) the state under `dir` for a run whose configuration hashes to
+    /// `fingerprint`; refuses a directory holding another run.
+    pub fn open(dir: &Path, fingerprint: u64) -> Result<Self, StoreError> {
+        for sub in ["versions", "updates", "incoming"] {
+            let path = dir.join(sub);
+            std::fs::create_dir_all(&path).map_err(|source| StoreError::Create {
+                path: path.display().to_string(),
+                source,
+            })?;
+        }
+        let db = sled::Config::new()
+            .path(dir.join("index"))
+            .flush_every_ms(Some(200))
+            .open()?;
+        let meta = db.open_tree("meta")?;
+        match meta.get(FINGERPRINT)?.as_deref().and_then(u64_value) {
+            Some(existing) if existing != fingerprint => {
+                return Err(StoreError::OtherRun {
+                    dir: dir.display().to_string(),
+                });
+            }
+            Some(_) => {}
+            None => {
+                meta.insert(FINGERPRINT, &key(fingerprint))?;
+            }
+        }
+        let events = db.open_tree("events")?;
+        let next_event = match events.last()? {
+            Some((k, _)) => u64_value(&k).map_or(0, |n| n + 1),
+            None => 0,
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            clients: db.open_tree("clients")?,
+            updates: db.open_tree("updates")?,
+            versions: db.open_tree("versions")?,
+            meta,
+            events,
+            db,
+            next_event,
+        })
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The latest committed version, if any.
+    pub fn committed_version(&self) -> Result<Option<ModelVersion>, StoreError> {
+        Ok(self
+            .meta
+            .get(COMMITTED)?
+            .as_deref()
+            .and_then(u64_value)
+            .map(ModelVersion))
+    }
+
+    fn version_path(&self, version: ModelVersion) -> PathBuf {
+        self.dir.join("versions").join(format!("v{:08}.bin", version.0))
+    }
+
+    /// Where an acknowledged update's payload file lives.
+    pub fn update_path(dir: &Path, task: TaskId) -> PathBuf {
+        dir.join("updates").join(format!("t{:016x}.bin", task.0))
+    }
+
+    /// Where a connection writes a payload it received (`upload` is unique per transfer) before
+    /// the run decides on it; accepted files are moved under `updates/`.
+    pub fn incoming_path(dir: &Path, upload: u64) -> PathBuf {
+        dir.join("incoming").join(format!("u{upload:016x}.bin"))
+    }
+
+    /// The record of a committed version.
+    pub fn version_record(&self, version: ModelVersion) -> Result<Option<VersionRecord>, StoreError> {
+        self.versions
+            .get(key(version.0))?
+            .map(|v| decode("versions", &v))
+            .transpose()
+    }
+
+    /// Every committed version's record, oldest first.
+    pub fn version_records(&self) -> Result<Vec<VersionRecord>, StoreError> {
+        self.versions
+            .iter()
+            .map(|kv| decode("versions", &kv?.1))
+            .collect()
+    }
+
+    /// The server state of a committed version, checked against its hash.
+    pub fn load_version(&self, version: ModelVersion) -> Result<ServerState, StoreError> {
+        let record = self.version_record(version)?.ok_or_else(|| StoreError::Record {
+            tree: "versions",
+            reason: format!("{version} is not recorded"),
+        })?;
+        let path = self.version_path(version);
+        let bytes = files::read_checked(&path, record.hash)?;
+        Ok(files::decode_state(&bytes, &path)?)
+    }
+
+    /// Writes the state of `version` and commits it: the version is recorded, becomes the
+    /// committed one, and the updates folded into it leave the index — atomically.
+    pub fn commit_version(
+        &self,
+        version: ModelVersion,
+        state: &ServerState,
+        at: Timestamp,
+        tasks: Vec<TaskId>,
+    ) -> Result<(), StoreError> {
+        let bytes = files::encode_state(state);
+        let path = self.version_path(version);
+        files::write_atomic(&path, &[&bytes])?;
+        let record = VersionRecord {
+            version,
+            at,
+            hash: files::content_hash(&[&bytes]),
+            tasks,
+        };
+        let value = encode(&record);
+        (&self.meta, &self.versions, &self.updates)
+            .transaction(|(meta, versions, updates)| {
+                versions.insert(&key(version.0), value.as_slice())?;
+                meta.insert(COMMITTED, &key(version.0))?;
+                for task in &record.tasks {
+                    updates.remove(&key(task.0))?;
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(transaction_error)?;
+        self.db.flush()?;
+        for task in &record.tasks {
+            // Best effort: a file left behind is swept at the next start.
+            let _ = std::fs::remove_file(Self::update_path(&self.dir, *task));
+        }
+        Ok(())
+    }
+
+    /// Deletes the state files of versions older than the newest `keep` (0 keeps all); their
+    /// records stay in the index.
+    pub fn prune_versions(&self, keep: usize) -> Result<(), StoreError> {
+        let Some(latest) = self.committed_version()? else {
+            return Ok(());
+        };
+        if keep == 0 || latest.0 < keep as u64 {
+            return Ok(());
+        }
+        let oldest_kept = latest.0 + 1 - keep as u64;
+        for v in oldest_kept.saturating_sub(4)..oldest_kept {
+            let _ = std::fs::remove_file(self.version_path(ModelVersion(v)));
+        }
+        Ok(())
+    }
+
+    /// The stable id of the client called `name`, created (durably) at its first connection.
+    pub fn client_id(&self, name: &str) -> Result<ClientId, StoreError> {
+        if let Some(id) = self.clients.get(name.as_bytes())?.as_deref().and_then(u64_value) {
+            return Ok(ClientId(id));
+        }
+        let next = self
+            .meta
+            .get(NEXT_CLIENT)?
+            .as_deref()
+            .and_then(u64_value)
+            .unwrap_or(0);
+        (&self.meta, &self.clients)
+            .transaction(|(meta, clients)| {
+                meta.insert(NEXT_CLIENT, &key(next + 1))?;
+                clients.insert(name.as_bytes(), &key(next))?;
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(transaction_error)?;
+        self.db.flush()?;
+        Ok(ClientId(next))
+    }
+
+    /// Client names and ids, in id order.
+    pub fn client_names(&self) -> Result<Vec<(ClientId, String)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.clients.iter() {
+            let (k, v) = kv?;
+            if let Some(id) = u64_value(&v) {
+                out.push((ClientId(id), String::from_utf8_lossy(&k).into_owned()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Appends an event to the log (durable at the next flush; a lost suffix of non-acknowledged
+    /// events is harmless — see the module documentation).
+    pub fn log_event(&mut self, at: Timestamp, event: &Event) -> Result<(), StoreError> {
+        let entry = LogEntry {
+            at,
+            event: event.into(),
+        };
+        self.events.insert(key(self.next_event), encode(&entry))?;
+        self.next_event += 1;
+        Ok(())
+    }
+
+    /// Records an acknowledged update: moves its payload file (already written and synced at
+    /// `incoming`) under `updates/`, then writes the index entry and the arrival event in one
+    /// transaction and makes everything durable.
+    pub fn accept_update(
+        &mut self,
+        at: Timestamp,
+        pending: &PendingUpdate,
+        incoming: &Path,
+    ) -> Result<(), StoreError> {
+        let path = Self::update_path(&self.dir, pending.meta.task);
+        std::fs::rename(incoming, &path).map_err(|source| FileError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        files::sync_dir(&self.dir.join("updates"))?;
+        let entry = encode(&LogEntry {
+            at,
+            event: LoggedEvent::UpdateArrived(pending.meta.clone()),
+        });
+        let index = encode(pending);
+        let seq = key(self.next_event);
+        let task = key(pending.meta.task.0);
+        (&self.events, &self.updates)
+            .transaction(|(events, updates)| {
+                events.insert(&seq, entry.as_slice())?;
+                updates.insert(&task, index.as_slice())?;
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(transaction_error)?;
+        self.next_event += 1;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The logged events, oldest first.
+    pub fn events(&self) -> impl Iterator<Item = Result<(Timestamp, Event), StoreError>> + '_ {
+        self.events.iter().map(|kv| {
+            let (_, v) = kv?;
+            let entry: LogEntry = decode("events", &v)?;
+            Ok((entry.at, entry.event.into()))
+        })
+    }
+
+    /// An acknowledged update not yet in a committed version.
+    pub fn pending_update(&self, task: TaskId) -> Result<Option<PendingUpdate>, StoreError> {
+        self.updates
+            .get(key(task.0))?
+            .map(|v| decode("updates", &v))
+            .transpose()
+    }
+
+    /// The payload bytes of a pending update, checked against its hash.
+    pub fn read_update(&self, pending: &PendingUpdate) -> Result<Vec<u8>, StoreError> {
+        Ok(files::read_checked(
+            &Self::update_path(&self.dir, pending.meta.task),
+            pending.hash,
+        )?)
+    }
+
+    /// Drops a pending update that will not be aggregated.
+    pub fn discard_update(&self, task: TaskId) -> Result<(), StoreError> {
+        self.updates.remove(key(task.0))?;
+        let _ = std::fs::remove_file(Self::update_path(&self.dir, task));
+        Ok(())
+    }
+
+    /// Removes update files that no index entry names (written, then not acknowledged).
+    pub fn sweep_orphans(&self) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        if let Ok(entries) = std::fs::read_dir(self.dir.join("incoming")) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_file(entry.path());
+                removed += 1;
+            }
+        }
+        let dir = self.dir.join("updates");
+        let entries = std::fs::read_dir(&dir).map_err(|source| StoreError::Create {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let task = name
+                .strip_prefix('t')
+                .and_then(|n| n.strip_suffix(".bin"))
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok());
+            let keep = match task {
+                Some(t) => self.updates.contains_key(key(t))?,
+                None => false,
+            };
+            if !keep {
+                let _ = std::fs::remove_file(entry.path());
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Marks the run finished (a restart then only reports it).
+    pub fn mark_finished(&self) -> Result<(), StoreError> {
+        self.meta.insert(FINISHED, &[1u8])?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Whether the run finished.
+    pub fn is_finished(&self) -> Result<bool, StoreError> {
+        Ok(self.meta.contains_key(FINISHED)?)
+    }
+
+    /// Flushes everything written so far.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+fn transaction_error(e: TransactionError<()>) -> StoreError {
+    match e {
+        TransactionError::Storage(e) => StoreError::Sled(e),
+        TransactionError::Abort(()) => StoreError::Record {
+            tree: "transaction",
+            reason: "aborted".into(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(task: u64) -> UpdateMeta {
+        UpdateMeta {
+            client: ClientId(1),
+            task: TaskId(task),
+            base_version: ModelVersion(0),
+            num_samples: 10,
+            local_steps: 1,
+            loss: 0.5,
+            duration_s: 0.1,
+        }
+    }
+
+    #[test]
+    fn commits_remove_folded_updates_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = Store::open(dir.path(), 7).unwrap();
+            assert_eq!(store.client_id("a").unwrap(), ClientId(0));
+            assert_eq!(store.client_id("b").unwrap(), ClientId(1));
+            assert_eq!(store.client_id("a").unwrap(), ClientId(0));
+            store
+                .log_event(
+                    Timestamp::ZERO,
+                    &Event::Joined {
+                        client: ClientId(0),
+                        num_samples: 10,
+                    },
+                )
+                .unwrap();
+            for task in [1, 2] {
+                let payload = vec![task as u8; 5];
+                let incoming = Store::incoming_path(dir.path(), task + 100);
+                files::write_atomic(&incoming, &[&payload]).unwrap();
+                let pending = PendingUpdate {
+                    meta: meta(task),
+                    part_bytes: vec![5],
+                    hash: files::content_hash(&[&payload]),
+                };
+                store
+                    .accept_update(Timestamp::from_micros(task), &pending, &incoming)
+                    .unwrap();
+            }
+            std::fs::write(Store::incoming_path(dir.path(), 7), b"never accepted").unwrap();
+            std::fs::write(Store::update_path(dir.path(), TaskId(99)), b"orphan").unwrap();
+            store
+                .commit_version(
+                    ModelVersion(1),
+                    &ServerState::new(vec![1.0, 2.0]),
+                    Timestamp::from_micros(5),
+                    vec![TaskId(1)],
+                )
+                .unwrap();
+        }
+        let store = Store::open(dir.path(), 7).unwrap();
+        assert_eq!(store.committed_version().unwrap(), Some(ModelVersion(1)));
+        assert_eq!(store.load_version(ModelVersion(1)).unwrap().x, vec![1.0, 2.0]);
+        assert!(store.pending_update(TaskId(1)).unwrap().is_none());
+        let pending = store.pending_update(TaskId(2)).unwrap().unwrap();
+        assert_eq!(store.read_update(&pending).unwrap(), vec![2u8; 5]);
+        assert_eq!(
+            store.sweep_orphans().unwrap(),
+            2,
+            "the orphan and the unaccepted upload"
+        );
+        let events: Vec<_> = store.events().collect::<Result<_, _>>().unwrap();
+        assert_eq!(events.len(), 3);
+        assert_eq!(events[2].1, Event::UpdateArrived(meta(2)));
+        assert_eq!(store.client_names().unwrap().len(), 2);
+        drop(store);
+        assert!(matches!(
+            Store::open(dir.path(), 8),
+            Err(StoreError::OtherRun { .. })
+        ));
+    }
+}
