@@ -93,10 +93,16 @@ pub async fn run(options: AgentOptions) -> Result<AgentReport> {
     let data = options.data.load()?;
     tracing::info!(samples = data.indices.len(), "local data loaded");
     let mut data = Some(data);
+    // Frequent keep-alives: a restarted server answers them with a stateless reset, so a crash
+    // is noticed within seconds.
+    let timeouts = Timeouts {
+        idle: Duration::from_secs(15),
+        keep_alive: Duration::from_secs(2),
+    };
     let endpoint = client_endpoint(
         &options.ca_pem,
         options.identity.as_ref(),
-        Timeouts::default(),
+        timeouts,
         options.server,
     )?;
     let mut work = Work {

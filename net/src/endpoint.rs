@@ -64,6 +64,32 @@ fn transport(timeouts: Timeouts) -> Arc<TransportConfig> {
     Arc::new(t)
 }
 
+/// An endpoint configuration that survives a restart: connection ids are signed, and stateless
+/// resets keyed, with secrets derived from the server's private key. A restarted server (after a
+/// crash, with no memory of its connections) then recognises the old connections' packets and
+/// answers them with resets their clients accept, so they reconnect at once instead of waiting
+/// for an idle timeout.
+fn restartable_endpoint_config(server: &PemPair) -> EndpointConfig {
+    let secret = |label: &[u8]| {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        context.update(label);
+        context.update(server.key.as_bytes());
+        context.finish()
+    };
+    let reset = secret(b"shoal stateless reset v1");
+    let mut config = EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        reset.as_ref(),
+    )));
+    let cid = secret(b"shoal connection ids v1");
+    let cid_key = cid
+        .as_ref()
+        .first_chunk::<8>()
+        .map_or(0, |b| u64::from_le_bytes(*b));
+    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    config
+}
+
 fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, EndpointError> {
     let wrap = |source| EndpointError::Socket { addr, source };
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(wrap)?;
@@ -89,7 +115,7 @@ pub fn server_endpoint(
     config.transport_config(transport(timeouts));
     let socket = udp_socket(addr)?;
     Endpoint::new(
-        EndpointConfig::default(),
+        restartable_endpoint_config(server),
         Some(config),
         socket,
         Arc::new(quinn::TokioRuntime),

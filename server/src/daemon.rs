@@ -492,12 +492,26 @@ struct Session {
 
 impl Session {
     async fn run(&mut self, connection: u64) -> Result<(), Fatal> {
-        let shared = self.shared.clone();
         let (mut send, recv) = tokio::time::timeout(Duration::from_secs(10), self.conn.accept_bi())
             .await
             .map_err(|_| Fatal(ErrorCode::Unexpected, "no control stream within 10 s".into()))?
             .map_err(|e| Fatal(ErrorCode::Internal, e.to_string()))?;
-        let mut reader = MessageReader::new(recv, shared.limits.max_control_frame);
+        let mut reader = MessageReader::new(recv, self.shared.limits.max_control_frame);
+        let result = self.converse(connection, &mut send, &mut reader).await;
+        if let Err(Fatal(code, message)) = &result {
+            self.tell_error(&mut send, *code, message).await;
+        }
+        result
+    }
+
+    /// The session after the control stream is open: Hello, Welcome, then tasks and updates.
+    async fn converse(
+        &mut self,
+        connection: u64,
+        send: &mut quinn::SendStream,
+        reader: &mut MessageReader,
+    ) -> Result<(), Fatal> {
+        let shared = self.shared.clone();
         let hello = tokio::time::timeout(Duration::from_secs(10), reader.next_message::<ClientMessage>())
             .await
             .map_err(|_| Fatal(ErrorCode::Unexpected, "no Hello within 10 s".into()))??;
@@ -509,30 +523,24 @@ impl Session {
             ..
         }) = hello
         else {
-            return Err(self
-                .refuse(
-                    &mut send,
-                    ErrorCode::Unexpected,
-                    "the first message must be Hello",
-                )
-                .await);
+            return Err(Fatal(
+                ErrorCode::Unexpected,
+                "the first message must be Hello".into(),
+            ));
         };
         if protocol_version != PROTOCOL_VERSION {
             let message =
                 format!("this server speaks protocol {PROTOCOL_VERSION}, the client {protocol_version}");
-            return Err(self.refuse(&mut send, ErrorCode::VersionMismatch, &message).await);
+            return Err(Fatal(ErrorCode::VersionMismatch, message.to_string()));
         }
         let name = match tls::peer_name(&self.conn) {
             Some(certified) => certified,
             None if shared.allow_anonymous && tls::is_valid_name(&name) => name,
             None => {
-                return Err(self
-                    .refuse(
-                        &mut send,
-                        ErrorCode::Unexpected,
-                        "a client certificate is required",
-                    )
-                    .await);
+                return Err(Fatal(
+                    ErrorCode::Unexpected,
+                    "a client certificate is required".into(),
+                ));
             }
         };
         let (outbox, mut to_client) = mpsc::unbounded_channel();
@@ -547,12 +555,12 @@ impl Session {
         });
         let (client, run) = match welcome.await {
             Ok(Ok(w)) => w,
-            Ok(Err(message)) => return Err(self.refuse(&mut send, ErrorCode::Internal, &message).await),
+            Ok(Err(message)) => return Err(Fatal(ErrorCode::Internal, message.to_string())),
             Err(_) => return Err(Fatal(ErrorCode::Internal, "the server is stopping".into())),
         };
         self.client = Some(client);
         write_message(
-            &mut send,
+            send,
             &ServerMessage::Welcome {
                 protocol_version: PROTOCOL_VERSION,
                 client,
@@ -563,7 +571,7 @@ impl Session {
         .await?;
         if *shared.finished.borrow() {
             write_message(
-                &mut send,
+                send,
                 &ServerMessage::Finished {
                     version: ModelVersion(0),
                 },
@@ -579,21 +587,21 @@ impl Session {
                             self.task_of_upload = Some(meta.task);
                             let reply = self.receive_update(client, meta, payload_bytes).await?;
                             self.task_of_upload = None;
-                            write_message(&mut send, &reply).await?;
+                            write_message(send, &reply).await?;
                         }
                         Some(ClientMessage::TaskFailed { task, reason }) => {
                             let _ = shared.requests.send(Request::Failed { client, task, reason });
                         }
                         Some(ClientMessage::Bye) | None => return Ok(()),
                         Some(ClientMessage::Hello { .. }) => {
-                            return Err(self.refuse(&mut send, ErrorCode::Unexpected, "a second Hello").await);
+                            return Err(Fatal(ErrorCode::Unexpected, "a second Hello".into()));
                         }
                     }
                 }
                 out = to_client.recv() => {
                     match out {
                         Some(ToClient::Task { task, local_steps, broadcast }) => {
-                            write_message(&mut send, &ServerMessage::Task {
+                            write_message(send, &ServerMessage::Task {
                                 task,
                                 version: broadcast.version,
                                 local_steps,
@@ -618,13 +626,13 @@ impl Session {
                             });
                         }
                         Some(ToClient::Cancel(task)) => {
-                            write_message(&mut send, &ServerMessage::Cancel { task }).await?;
+                            write_message(send, &ServerMessage::Cancel { task }).await?;
                         }
                         Some(ToClient::Close(code, message)) => {
-                            return Err(self.refuse(&mut send, code, &message).await);
+                            return Err(Fatal(code, message.to_string()));
                         }
                         Some(ToClient::Finished(version)) => {
-                            write_message(&mut send, &ServerMessage::Finished { version }).await?;
+                            write_message(send, &ServerMessage::Finished { version }).await?;
                             let _ = send.finish();
                             // Wait for the client to close (bounded), so the message is delivered.
                             let _ = tokio::time::timeout(Duration::from_secs(5), self.conn.closed()).await;
@@ -637,8 +645,9 @@ impl Session {
         }
     }
 
-    /// Sends an error and returns the fatal outcome that closes the connection.
-    async fn refuse(&self, send: &mut quinn::SendStream, code: ErrorCode, message: &str) -> Fatal {
+    /// Sends the error that closes the connection, and gives it a moment to arrive before the
+    /// close overtakes it.
+    async fn tell_error(&self, send: &mut quinn::SendStream, code: ErrorCode, message: &str) {
         let _ = write_message(
             send,
             &ServerMessage::Error {
@@ -647,9 +656,8 @@ impl Session {
             },
         )
         .await;
-        // Give the error a moment to leave before the close overtakes it.
-        let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
-        Fatal(code, message.to_string())
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
     }
 
     /// Receives, decodes, stores and offers one update; the answer for the control stream.

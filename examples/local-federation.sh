@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# A real deployment on this machine: one fl-server and N fl-client processes on 127.0.0.1, mutual
+# TLS with certificates issued for the run, FedAvg on MNIST partitions (IID), R rounds.
+#
+#   examples/local-federation.sh [--clients N] [--rounds R] [--out DIR] [--data-dir DATA]
+#                                [--partition iid|shards|dirichlet:ALPHA] [--bin-dir DIR]
+#
+# Defaults: 5 clients, 3 rounds, runs/local-federation, data from $SHOAL_DATA (a folder holding
+# mnist/, e.g. ../shared/data). Binaries are built in release mode unless --bin-dir names a folder
+# holding fl-server and fl-client. Everything started is stopped on exit, also on Ctrl-C.
+#
+# Writes DIR/summary.json (rounds, initial_accuracy, final_accuracy, bytes_up, bytes_down,
+# wall_time_s and the server's other figures), DIR/server/ (the server's data directory:
+# server.toml, certificates, state/, metrics.jsonl) and DIR/logs/.
+set -euo pipefail
+
+clients=5
+rounds=3
+out=runs/local-federation
+data_dir=${SHOAL_DATA:-}
+partition=iid
+bin_dir=
+timeout_s=600
+
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --clients) clients=$2; shift 2 ;;
+        --rounds) rounds=$2; shift 2 ;;
+        --out) out=$2; shift 2 ;;
+        --data-dir) data_dir=$2; shift 2 ;;
+        --partition) partition=$2; shift 2 ;;
+        --bin-dir) bin_dir=$2; shift 2 ;;
+        --timeout) timeout_s=$2; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "unknown option $1" >&2; usage >&2; exit 2 ;;
+    esac
+done
+
+[[ "$clients" =~ ^[1-9][0-9]*$ ]] || { echo "--clients must be a positive integer" >&2; exit 2; }
+[[ "$rounds" =~ ^[1-9][0-9]*$ ]] || { echo "--rounds must be a positive integer" >&2; exit 2; }
+if [[ -z "$data_dir" ]]; then
+    echo "no data: pass --data-dir DIR or set SHOAL_DATA=DIR, where DIR holds mnist/ (in a checkout: ../shared/data)" >&2
+    exit 2
+fi
+if [[ ! -d "$data_dir/mnist" ]]; then
+    echo "$data_dir/mnist is missing: the data root must hold the MNIST IDX files under mnist/" >&2
+    exit 2
+fi
+data_dir=$(cd "$data_dir" && pwd)
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+if [[ -z "$bin_dir" ]]; then
+    echo "building fl-server and fl-client (release)…" >&2
+    (cd "$repo" && cargo build --release --quiet -p shoal-server -p shoal-client)
+    bin_dir="$repo/target/release"
+fi
+server_bin="$bin_dir/fl-server"
+client_bin="$bin_dir/fl-client"
+for b in "$server_bin" "$client_bin"; do
+    [[ -x "$b" ]] || { echo "$b is missing (build it, or drop --bin-dir)" >&2; exit 2; }
+done
+
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+rm -rf "$out/server" "$out/logs" "$out/summary.json"
+mkdir -p "$out/logs"
+
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# The server listens on a free port the kernel picks; it writes the address to server/listening.
+"$server_bin" init "$out/server" --listen 127.0.0.1:0 > "$out/logs/init.log"
+sed -i \
+    -e "s/^rounds = .*/rounds = $rounds/" \
+    -e "s/^clients_per_round = .*/clients_per_round = $clients/" \
+    "$out/server/server.toml"
+for ((i = 0; i < clients; i++)); do
+    "$server_bin" issue-client "$out/server" "device-$i" >> "$out/logs/init.log"
+done
+
+start=$(date +%s.%N)
+SHOAL_DATA="$data_dir" "$server_bin" run "$out/server" > "$out/logs/server.json" 2> "$out/logs/server.log" &
+server_pid=$!
+pids+=("$server_pid")
+for _ in $(seq 1 300); do
+    [[ -s "$out/server/listening" ]] && break
+    kill -0 "$server_pid" 2>/dev/null || { echo "fl-server exited; see $out/logs/server.log" >&2; tail -5 "$out/logs/server.log" >&2; exit 1; }
+    sleep 0.1
+done
+[[ -s "$out/server/listening" ]] || { echo "fl-server did not start listening; see $out/logs/server.log" >&2; exit 1; }
+address=$(cat "$out/server/listening")
+echo "fl-server on $address; starting $clients clients" >&2
+
+for ((i = 0; i < clients; i++)); do
+    "$client_bin" run --server "$address" --server-name localhost \
+        --identity "$out/server/clients/device-$i" \
+        --data-dir "$data_dir" --partition "$partition" --num-clients "$clients" --index "$i" \
+        > "$out/logs/client-$i.json" 2> "$out/logs/client-$i.log" &
+    pids+=("$!")
+done
+
+deadline=$((SECONDS + timeout_s))
+while kill -0 "$server_pid" 2>/dev/null; do
+    if ((SECONDS > deadline)); then
+        echo "the run did not finish within ${timeout_s} s; see $out/logs/" >&2
+        exit 1
+    fi
+    sleep 0.2
+done
+wait "$server_pid" || { echo "fl-server failed; see $out/logs/server.log" >&2; tail -5 "$out/logs/server.log" >&2; exit 1; }
+failed=0
+for pid in "${pids[@]:1}"; do
+    wait "$pid" || failed=$((failed + 1))
+done
+end=$(date +%s.%N)
+((failed == 0)) || echo "warning: $failed client(s) exited with an error; see $out/logs/" >&2
+
+summary="$out/server/summary.json"
+[[ -s "$summary" ]] || { echo "the server wrote no summary; see $out/logs/server.log" >&2; exit 1; }
+wall=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.3f", b - a }')
+# The server's summary, plus the wall time of the whole deployment.
+sed -e '$d' "$summary" | sed -e '$s/$/,/' > "$out/summary.json"
+printf '  "wall_time_s": %s,\n  "clients": %s\n}\n' "$wall" "$clients" >> "$out/summary.json"
+cat "$out/summary.json"

@@ -1,0 +1,341 @@
+//! fl-server and fl-client as real processes on loopback, with mutual TLS and MNIST partitions:
+//! the local-federation example end to end, a server killed with SIGKILL in the middle of an
+//! aggregation that resumes and aggregates every acknowledged update exactly once, and clients
+//! that are refused (no valid certificate) or disconnected (truncated, oversized, corrupted
+//! uploads) while the rounds complete with the others.
+
+// Helpers outside #[test] functions unwrap too: a failure there is the test failing.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use shoal_core::{ModelVersion, TaskId, UpdateMeta};
+use shoal_net::endpoint::{Timeouts, client_endpoint};
+use shoal_net::protocol::{
+    Capabilities, ClientMessage, DeclaredProfile, ErrorCode, PROTOCOL_VERSION, ServerMessage, StreamHeader,
+};
+use shoal_net::stream::{MessageReader, send_stream, write_message};
+use shoal_net::tls::{self, PemPair};
+use shoal_server::config::ServerConfig;
+use shoal_server::store::Store;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+/// Every task folded into a committed version, with the versions it appears in.
+fn folded_tasks(dir: &Path) -> (Vec<ModelVersion>, BTreeMap<u64, Vec<u64>>) {
+    let config = ServerConfig::load(&dir.join("server.toml")).unwrap();
+    let store = Store::open(&dir.join("state"), config.fingerprint()).unwrap();
+    let mut versions = Vec::new();
+    let mut tasks: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for record in store.version_records().unwrap() {
+        versions.push(record.version);
+        for t in record.tasks {
+            tasks.entry(t.0).or_default().push(record.version.0);
+        }
+    }
+    (versions, tasks)
+}
+
+#[test]
+fn the_local_federation_example_trains_mnist_over_mutual_tls() {
+    let out = tempfile::tempdir().unwrap();
+    let status = Command::new("bash")
+        .arg(repo_root().join("examples/local-federation.sh"))
+        .args(["--clients", "5", "--rounds", "3", "--timeout", "300"])
+        .arg("--out")
+        .arg(out.path())
+        .arg("--data-dir")
+        .arg(data_root())
+        .arg("--bin-dir")
+        .arg(bin_dir())
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "the example failed:\n{}\n{}",
+        String::from_utf8_lossy(&status.stderr),
+        tail(&out.path().join("logs/server.log"))
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).unwrap()).unwrap();
+    for key in [
+        "rounds",
+        "initial_accuracy",
+        "final_accuracy",
+        "bytes_up",
+        "bytes_down",
+        "wall_time_s",
+    ] {
+        assert!(summary.get(key).is_some(), "summary.json lacks {key}: {summary}");
+    }
+    assert_eq!(summary["rounds"], 3);
+    let initial = summary["initial_accuracy"].as_f64().unwrap();
+    let last = summary["final_accuracy"].as_f64().unwrap();
+    assert!(last > initial + 0.5 && last > 0.85, "accuracy {initial} → {last}");
+    assert!(summary["bytes_up"].as_u64().unwrap() > 0 && summary["bytes_down"].as_u64().unwrap() > 0);
+
+    // The state directory holds every version, and each folded the 5 clients' updates.
+    let server = out.path().join("server");
+    for v in 0..=3 {
+        assert!(
+            server.join(format!("state/versions/v{v:08}.bin")).is_file(),
+            "version {v} is not stored"
+        );
+    }
+    let (versions, tasks) = folded_tasks(&server);
+    assert_eq!(versions, (0..=3).map(ModelVersion).collect::<Vec<_>>());
+    assert_eq!(tasks.len(), 15);
+    assert!(tasks.values().all(|v| v.len() == 1));
+    // Every client exited cleanly when the run finished.
+    for i in 0..5 {
+        let log = std::fs::read_to_string(out.path().join(format!("logs/client-{i}.log"))).unwrap();
+        assert!(log.contains("the run is finished"), "client {i}:\n{log}");
+    }
+}
+
+#[test]
+fn a_server_killed_mid_aggregation_resumes_and_aggregates_each_acknowledged_update_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let clients = 5;
+    let rounds = 4;
+    init_run(dir, clients, |text| {
+        text.replace("rounds = 3", &format!("rounds = {rounds}"))
+            .replace("reconnect_grace_s = 30", "reconnect_grace_s = 20")
+            .replace("every = 1", "every = 4")
+    });
+    let (mut server, address) = start_server(dir, 1);
+    // The restarted server must listen where the clients reconnect to.
+    let config = dir.join("server.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let pinned = text.replace("\"127.0.0.1:0\"", &format!("\"{}\"", address.trim()));
+    assert_ne!(pinned, text);
+    std::fs::write(&config, pinned).unwrap();
+    let mut devices: Vec<Process> = (0..clients)
+        .map(|i| start_client(dir, &address, i, clients))
+        .collect();
+    // Version 1 committed, then the first update of round 2 made durable: kill -9 right there,
+    // while that round's aggregation is in progress.
+    wait_for_line(&server.log, "committed", 1, Duration::from_secs(120));
+    wait_for_line(&server.log, "update stored", clients, Duration::from_secs(120));
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let stored_before = tasks_in(&server.log, "update stored");
+    assert!(
+        stored_before.len() > clients,
+        "the kill came after an update of round 2 was stored"
+    );
+
+    let (mut server, _) = start_server(dir, 2);
+    let status = server.wait_for_exit(Duration::from_secs(240));
+    assert!(
+        status.success(),
+        "the restarted server failed:\n{}",
+        tail(&server.log)
+    );
+    for device in &mut devices {
+        assert!(
+            device.wait_for_exit(Duration::from_secs(60)).success(),
+            "{}",
+            tail(&device.log)
+        );
+    }
+
+    let (versions, folded) = folded_tasks(dir);
+    assert_eq!(versions.last(), Some(&ModelVersion(rounds)));
+    // Acknowledged (client logs) and stored (server log, before the kill): each in exactly one
+    // committed version.
+    let mut acknowledged = BTreeSet::new();
+    for device in &devices {
+        acknowledged.extend(tasks_in(&device.log, "update accepted"));
+    }
+    assert!(
+        acknowledged.len() >= rounds as usize,
+        "acknowledged: {acknowledged:?}"
+    );
+    for task in acknowledged.iter().chain(&stored_before) {
+        let in_versions = folded.get(task).cloned().unwrap_or_default();
+        assert_eq!(
+            in_versions.len(),
+            1,
+            "{task} was aggregated into versions {in_versions:?}"
+        );
+    }
+    assert!(
+        folded.values().all(|v| v.len() == 1),
+        "no update is aggregated twice"
+    );
+    let restored = std::fs::read_to_string(&server.log).unwrap();
+    assert!(restored.contains("restored the run from its log"), "{restored}");
+}
+
+enum Misbehaviour {
+    Corrupted,
+    Truncated,
+    Oversized,
+}
+
+/// Connects as `identity`, waits for a task, sends a bad upload for it, and returns the error code
+/// the server sent and the code it closed the connection with.
+async fn bad_upload(
+    address: SocketAddr,
+    ca: &str,
+    identity: &PemPair,
+    how: Misbehaviour,
+) -> (ErrorCode, u64) {
+    let endpoint = client_endpoint(ca, Some(identity), Timeouts::default(), address).unwrap();
+    let conn = endpoint.connect(address, "localhost").unwrap().await.unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    write_message(
+        &mut send,
+        &ClientMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            name: "ignored".into(),
+            capabilities: Capabilities::default(),
+            profile: DeclaredProfile {
+                num_samples: 100,
+                step_time_s: None,
+                up_mbit_s: None,
+                down_mbit_s: None,
+            },
+            holding: None,
+        },
+    )
+    .await
+    .unwrap();
+    let mut reader = MessageReader::new(recv, 1 << 20);
+    let mut client = None;
+    let (task, version) = loop {
+        match reader.next_message::<ServerMessage>().await.unwrap().unwrap() {
+            ServerMessage::Welcome { client: c, .. } => client = Some(c),
+            ServerMessage::Task { task, version, .. } => break (task, version),
+            _ => {}
+        }
+    };
+    let meta = |task: TaskId| UpdateMeta {
+        client: client.unwrap(),
+        task,
+        base_version: version,
+        num_samples: 100,
+        local_steps: 1,
+        loss: 0.0,
+        duration_s: 0.1,
+    };
+    let (announced, sent): (u64, Vec<u8>) = match how {
+        Misbehaviour::Corrupted => (4000, vec![0xAB; 4000]),
+        Misbehaviour::Truncated => (4000, vec![0; 1000]),
+        Misbehaviour::Oversized => (3 << 30, Vec::new()),
+    };
+    write_message(
+        &mut send,
+        &ClientMessage::UpdateReady {
+            meta: meta(task),
+            payload_bytes: announced,
+        },
+    )
+    .await
+    .unwrap();
+    let header = StreamHeader::Update {
+        task,
+        part_bytes: vec![announced],
+    };
+    let _ = send_stream(&conn, &header, &[&sent]).await;
+    let code = loop {
+        match reader.next_message::<ServerMessage>().await {
+            Ok(Some(ServerMessage::Error { code, .. })) => break code,
+            Ok(Some(_)) => continue,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    };
+    let closed = match conn.closed().await {
+        quinn::ConnectionError::ApplicationClosed(close) => close.error_code.into_inner(),
+        other => panic!("expected an application close, got {other}"),
+    };
+    endpoint.close(0u32.into(), b"");
+    (code, closed)
+}
+
+/// Whether a connection with these credentials is refused.
+async fn refused(address: SocketAddr, ca: &str, identity: Option<&PemPair>) -> bool {
+    let endpoint = client_endpoint(ca, identity, Timeouts::default(), address).unwrap();
+    let refused = match endpoint.connect(address, "localhost").unwrap().await {
+        Err(_) => true,
+        Ok(conn) => match conn.open_bi().await {
+            Err(_) => true,
+            Ok((mut send, recv)) => {
+                let _ = write_message(&mut send, &ClientMessage::Bye).await;
+                let mut reader = MessageReader::new(recv, 1 << 20);
+                reader.next_message::<ServerMessage>().await.is_err()
+            }
+        },
+    };
+    endpoint.close(0u32.into(), b"");
+    refused
+}
+
+#[test]
+fn bad_clients_are_refused_or_disconnected_and_the_rounds_complete_without_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    init_run(dir, 3, |text| {
+        text.replace("clients_per_round = 5", "clients_per_round = 3")
+            .replace("reconnect_grace_s = 30", "reconnect_grace_s = 5")
+            .replace("every = 1", "every = 3")
+    });
+    let (mut server, address) = start_server(dir, 1);
+    let address: SocketAddr = address.trim().parse().unwrap();
+    let ca = std::fs::read_to_string(dir.join("tls/ca.pem")).unwrap();
+    let rogue_dir = dir.join("clients/device-2");
+    let rogue = tls::read_pem_pair(&rogue_dir.join("client.pem"), &rogue_dir.join("client.key")).unwrap();
+    let stranger = tls::issue(
+        &tls::generate_ca("another CA").unwrap(),
+        tls::Leaf::Client { name: "device-2" },
+    )
+    .unwrap();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        assert!(
+            refused(address, &ca, None).await,
+            "a client without a certificate is refused"
+        );
+        assert!(
+            refused(address, &ca, Some(&stranger)).await,
+            "a certificate of another CA is refused"
+        );
+    });
+    let mut honest: Vec<Process> = (0..2)
+        .map(|i| start_client(dir, &address.to_string(), i, 2))
+        .collect();
+    runtime.block_on(async {
+        for (how, expected) in [
+            (Misbehaviour::Corrupted, ErrorCode::Malformed),
+            (Misbehaviour::Truncated, ErrorCode::Malformed),
+            (Misbehaviour::Oversized, ErrorCode::TooLarge),
+        ] {
+            let (code, closed) = bad_upload(address, &ca, &rogue, how).await;
+            assert_eq!(code, expected);
+            assert_eq!(closed, u64::from(expected.close_code()));
+        }
+    });
+    let status = server.wait_for_exit(Duration::from_secs(180));
+    assert!(status.success(), "{}", tail(&server.log));
+    for device in &mut honest {
+        assert!(
+            device.wait_for_exit(Duration::from_secs(60)).success(),
+            "{}",
+            tail(&device.log)
+        );
+    }
+    let (versions, folded) = folded_tasks(dir);
+    assert_eq!(versions.last(), Some(&ModelVersion(3)));
+    assert_eq!(
+        folded.len(),
+        6,
+        "each round folded the two honest updates: {folded:?}"
+    );
+}
