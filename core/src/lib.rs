@@ -1,4 +1,5 @@
-//! Shoal's shared vocabulary, with no IO and few dependencies.
+//! Shoal's shared vocabulary, with no IO (but [`usage`], the process's own resource usage) and few
+//! dependencies.
 //!
 //! Everything else in the workspace speaks in these types:
 //! - [`Params`] and [`Layout`]: a whole model as one contiguous `f32` buffer with named segments.
@@ -17,6 +18,7 @@ mod oracle;
 mod params;
 mod time;
 mod update;
+pub mod usage;
 
 pub use compressor::{CompressError, Compressor, IdentityCompressor};
 pub use error::CoreError;

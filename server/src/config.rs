@@ -77,9 +77,6 @@ impl Default for EvalConfig {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 4433))
 }
-fn default_admin() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 4434))
-}
 fn default_grace() -> f64 {
     30.0
 }
@@ -100,9 +97,6 @@ pub struct NetworkConfig {
     /// QUIC address devices connect to.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// gRPC admin address (loopback by default).
-    #[serde(default = "default_admin")]
-    pub admin: SocketAddr,
     /// Accept clients without a certificate (named by their Hello). Off unless set explicitly.
     #[serde(default)]
     pub allow_anonymous: bool,
@@ -124,7 +118,6 @@ impl Default for NetworkConfig {
     fn default() -> Self {
         Self {
             listen: default_listen(),
-            admin: default_admin(),
             allow_anonymous: false,
             reconnect_grace_s: default_grace(),
             idle_timeout_s: default_idle(),
@@ -286,7 +279,6 @@ every = 1
 
 [server]
 listen = "{listen}"            # QUIC address devices connect to
-admin = "127.0.0.1:4434"       # gRPC admin API; keep it on loopback
 allow_anonymous = false        # true accepts clients without certificates: only for trusted networks
 reconnect_grace_s = 30         # a disconnected client keeps its task this long
 idle_timeout_s = 30

@@ -12,7 +12,9 @@
 use crate::config::ServerConfig;
 use crate::datadir::DataDir;
 use crate::files;
-use crate::run::{Offer, Outgoing, ReceivedUpdate, Run, RunSummary, SharedBroadcast, decode_update};
+use crate::run::{
+    Offer, Outgoing, ProcessFigures, ReceivedUpdate, Run, RunSummary, SharedBroadcast, decode_update,
+};
 use crate::store::Store;
 use anyhow::{Context, Result};
 use shoal_aggregators::Event;
@@ -90,6 +92,8 @@ struct Shared {
     transfer_timeout: Duration,
     uploads: AtomicU64,
     finished: tokio::sync::watch::Receiver<bool>,
+    wire_in: AtomicU64,
+    wire_out: AtomicU64,
 }
 
 /// Runs the server of the data directory until the run finishes (or `stop` resolves); returns the
@@ -142,6 +146,8 @@ pub fn serve(dir: &DataDir, data_dir: Option<&Path>) -> Result<RunSummary> {
         transfer_timeout: Duration::from_secs_f64(config.server.transfer_timeout_s),
         uploads: AtomicU64::new(0),
         finished: finished_rx,
+        wire_in: AtomicU64::new(0),
+        wire_out: AtomicU64::new(0),
     });
     let grace = Duration::from_secs_f64(config.server.reconnect_grace_s);
     let coordinator = std::thread::Builder::new()
@@ -177,11 +183,21 @@ pub fn serve(dir: &DataDir, data_dir: Option<&Path>) -> Result<RunSummary> {
             .ok();
     });
     drop(requests);
-    drop(shared);
-    let summary = coordinator
+    let (mut summary, busy, summary_path, finished) = coordinator
         .join()
         .map_err(|_| anyhow::anyhow!("the coordinator thread panicked"))??;
     runtime.shutdown_timeout(Duration::from_secs(1));
+    summary.process = Some(ProcessFigures {
+        wire_bytes_in: shared.wire_in.load(Ordering::Relaxed),
+        wire_bytes_out: shared.wire_out.load(Ordering::Relaxed),
+        coordinator_busy_s: busy.as_secs_f64(),
+        cpu_time_s: shoal_core::usage::cpu_time_s(),
+        peak_memory_bytes: shoal_core::usage::peak_memory_bytes(),
+    });
+    if finished {
+        std::fs::write(&summary_path, serde_json::to_string_pretty(&summary)?)
+            .with_context(|| format!("writing {}", summary_path.display()))?;
+    }
     Ok(summary)
 }
 
@@ -219,7 +235,8 @@ fn coordinate(
     inbox: std_mpsc::Receiver<Request>,
     grace: Duration,
     finished: tokio::sync::watch::Sender<bool>,
-) -> Result<RunSummary> {
+) -> Result<(RunSummary, Duration, PathBuf, bool)> {
+    let mut busy = Duration::ZERO;
     let mut connected: HashMap<ClientId, Connected> = HashMap::new();
     // Registered clients without a connection, and when they count as gone.
     let mut away: HashMap<ClientId, Instant> = HashMap::new();
@@ -246,6 +263,7 @@ fn coordinate(
                 Err(_) => break,
             },
         };
+        let handling = Instant::now();
         let mut outgoing = Vec::new();
         match request {
             Some(Request::Stop) => break,
@@ -268,6 +286,7 @@ fn coordinate(
             outgoing.extend(run.handle(Event::Timer)?);
         }
         dispatch(&mut run, outgoing, &mut connected);
+        busy += handling.elapsed();
         if run.is_finished() {
             let version = run.version();
             for c in connected.values() {
@@ -278,7 +297,12 @@ fn coordinate(
         }
     }
     run.flush()?;
-    Ok(run.summary())
+    Ok((
+        run.summary(),
+        busy,
+        run.summary_path().to_path_buf(),
+        run.is_finished(),
+    ))
 }
 
 fn handle_request(
@@ -461,6 +485,9 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         task_of_upload: None,
     };
     let result = session.run(connection).await;
+    let stats = conn.stats();
+    shared.wire_in.fetch_add(stats.udp_rx.bytes, Ordering::Relaxed);
+    shared.wire_out.fetch_add(stats.udp_tx.bytes, Ordering::Relaxed);
     if let Some(client) = session.client {
         // A client cut off by an error loses the task it was uploading at once, so a round
         // does not wait out its grace period for it.

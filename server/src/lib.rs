@@ -6,7 +6,9 @@
 //!   restart by replaying the event log.
 //! - [`store`] and [`files`]: durable state (sled index and event log, atomic tensor files).
 //! - [`daemon`]: QUIC connections and the coordinator thread.
+//! - [`bench`]: a loopback deployment measured from the server's side.
 
+pub mod bench;
 pub mod config;
 pub mod daemon;
 pub mod datadir;

@@ -50,6 +50,29 @@ enum Command {
         #[arg(long, env = "SHOAL_DATA")]
         data_dir: Option<PathBuf>,
     },
+    /// Measure a loopback deployment: N fl-client processes, one local step per task, server CPU
+    /// and coordinator time per round, bytes on the wire per round, peak server memory — each
+    /// against a baseline measured in the same run.
+    Bench {
+        /// Client processes.
+        #[arg(long, default_value_t = 10)]
+        clients: usize,
+        /// Rounds.
+        #[arg(long, default_value_t = 5)]
+        rounds: u64,
+        /// Zoo model (cnn: 1.66 M parameters on MNIST).
+        #[arg(long, default_value = "cnn")]
+        model: String,
+        /// Upload codec chain.
+        #[arg(long, default_value = "identity")]
+        codec: String,
+        /// Data root holding mnist/.
+        #[arg(long, env = "SHOAL_DATA")]
+        data_dir: PathBuf,
+        /// Where the run's directory, logs and bench.json go.
+        #[arg(long, default_value = "runs/server-bench")]
+        out: PathBuf,
+    },
     /// List the committed versions of a run and the updates folded into each.
     History {
         /// The data directory.
@@ -100,6 +123,54 @@ fn main() -> Result<()> {
             let summary = shoal_server::daemon::serve(&DataDir::new(&dir), data_dir.as_deref())
                 .with_context(|| format!("running {}", dir.display()))?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
+        }
+        Command::Bench {
+            clients,
+            rounds,
+            model,
+            codec,
+            data_dir,
+            out,
+        } => {
+            let options = shoal_server::bench::BenchOptions {
+                clients,
+                rounds,
+                model,
+                codec,
+                data_dir,
+                out: out.clone(),
+            };
+            eprintln!("running {rounds} rounds with {clients} client processes…");
+            let r = shoal_server::bench::run(&options)?;
+            let mib = |b: u64| b as f64 / (1 << 20) as f64;
+            println!(
+                "fl-server bench: {} clients, {} rounds, {} parameters, codec {}",
+                r.clients, r.rounds, r.params, r.codec
+            );
+            println!("  wall time per round            {:>9.3} s", r.wall_per_round_s);
+            println!(
+                "  server CPU per round           {:>9.3} s   ({:.1}× a single-thread decode+fold of the round: {:.3} s)",
+                r.server_cpu_per_round_s,
+                r.server_cpu_per_round_s / r.baseline_decode_fold_per_round_s.max(1e-9),
+                r.baseline_decode_fold_per_round_s
+            );
+            println!(
+                "  coordinator thread per round   {:>9.3} s",
+                r.coordinator_per_round_s
+            );
+            println!(
+                "  bytes on the wire per round    {:>9.1} MiB ({:.3}× the {:.1} MiB of payloads)",
+                mib(r.wire_bytes_per_round),
+                r.wire_bytes_per_round as f64 / r.payload_bytes_per_round.max(1) as f64,
+                mib(r.payload_bytes_per_round)
+            );
+            println!(
+                "  peak server memory             {:>9.1} MiB ({:.1} model copies of {:.1} MiB)",
+                mib(r.server_peak_memory_bytes),
+                r.server_peak_memory_bytes as f64 / r.model_bytes.max(1) as f64,
+                mib(r.model_bytes)
+            );
+            std::fs::write(out.join("bench.json"), serde_json::to_string_pretty(&r)?)?;
         }
         Command::History { dir, json } => {
             let config = shoal_server::config::ServerConfig::load(&DataDir::new(&dir).config())?;

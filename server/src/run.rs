@@ -161,6 +161,24 @@ pub struct RunSummary {
     pub updates_folded: u64,
     /// Rule and scheduler.
     pub algorithm: String,
+    /// Process figures the daemon adds when it stops (this start only).
+    #[serde(flatten)]
+    pub process: Option<ProcessFigures>,
+}
+
+/// What the server process cost, measured by the daemon over one start.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProcessFigures {
+    /// UDP bytes received on client connections (QUIC and TLS overhead included).
+    pub wire_bytes_in: u64,
+    /// UDP bytes sent on client connections.
+    pub wire_bytes_out: u64,
+    /// Seconds the coordinator thread spent handling requests and timers.
+    pub coordinator_busy_s: f64,
+    /// CPU seconds of the whole process (all threads).
+    pub cpu_time_s: Option<f64>,
+    /// Peak resident memory of the process, bytes.
+    pub peak_memory_bytes: Option<u64>,
 }
 
 /// A run in progress.
@@ -706,7 +724,13 @@ impl Run {
                 self.config.algorithm.rule.name(),
                 self.coordinator.scheduler_name()
             ),
+            process: None,
         }
+    }
+
+    /// Where `summary.json` is written.
+    pub fn summary_path(&self) -> &Path {
+        &self.summary_path
     }
 
     /// Flushes the state index.

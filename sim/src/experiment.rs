@@ -392,14 +392,6 @@ impl RunProgress for Quiet {
     fn end(&mut self, _: &Summary) {}
 }
 
-/// Peak resident set size from `/proc/self/status`, when the platform has it.
-pub fn peak_memory_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 /// Runs `config`; `data_dir` overrides the file's data root.
 pub fn run(
     config: &ExperimentConfig,
@@ -599,7 +591,7 @@ fn drive<W: crate::engine::Workload>(
         bytes_to_target: first_hit.map(|r| r.bytes_up + r.bytes_down),
         stopped_because,
         events_per_s: stats.events as f64 / wall.max(1e-9),
-        peak_memory_bytes: peak_memory_bytes(),
+        peak_memory_bytes: shoal_core::usage::peak_memory_bytes(),
         engine: stats,
         fleet: engine.fleet().summary(),
     };
