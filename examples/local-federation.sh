@@ -76,8 +76,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# The server listens on a free port the kernel picks; it writes the address to server/listening.
-"$server_bin" init "$out/server" --listen 127.0.0.1:0 > "$out/logs/init.log"
+# The server listens on free ports the kernel picks; it writes the addresses to server/listening
+# and server/admin-listening (`fl-server status DIR/server` asks the latter while it runs).
+"$server_bin" init "$out/server" --listen 127.0.0.1:0 --admin 127.0.0.1:0 > "$out/logs/init.log"
 sed -i \
     -e "s/^rounds = .*/rounds = $rounds/" \
     -e "s/^clients_per_round = .*/clients_per_round = $clients/" \

@@ -77,6 +77,9 @@ impl Default for EvalConfig {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 4433))
 }
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 4434))
+}
 fn default_grace() -> f64 {
     30.0
 }
@@ -97,6 +100,10 @@ pub struct NetworkConfig {
     /// QUIC address devices connect to.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// gRPC admin address (loopback by default; port 0 picks a free one, written to
+    /// `DIR/admin-listening`).
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
     /// Accept clients without a certificate (named by their Hello). Off unless set explicitly.
     #[serde(default)]
     pub allow_anonymous: bool,
@@ -118,6 +125,7 @@ impl Default for NetworkConfig {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            admin: default_admin(),
             allow_anonymous: false,
             reconnect_grace_s: default_grace(),
             idle_timeout_s: default_idle(),
@@ -235,7 +243,7 @@ impl ServerConfig {
 }
 
 /// The commented configuration `fl-server init` writes.
-pub fn template(listen: SocketAddr) -> String {
+pub fn template(listen: SocketAddr, admin: SocketAddr) -> String {
     format!(
         r#"# fl-server configuration. Start the server with `fl-server run DIR`.
 #
@@ -279,6 +287,7 @@ every = 1
 
 [server]
 listen = "{listen}"            # QUIC address devices connect to
+admin = "{admin}"       # gRPC admin API (fl-server status DIR); keep it on loopback
 allow_anonymous = false        # true accepts clients without certificates: only for trusted networks
 reconnect_grace_s = 30         # a disconnected client keeps its task this long
 idle_timeout_s = 30
@@ -297,7 +306,7 @@ mod tests {
 
     #[test]
     fn the_template_is_a_valid_configuration() {
-        let config: ServerConfig = toml::from_str(&template(default_listen())).unwrap();
+        let config: ServerConfig = toml::from_str(&template(default_listen(), default_admin())).unwrap();
         config.validate().unwrap();
         assert!(!config.server.allow_anonymous, "mutual TLS is the default");
         let mut other = config.clone();
@@ -313,7 +322,7 @@ mod tests {
 
     #[test]
     fn bad_configurations_are_refused_with_the_reason() {
-        let base = template(default_listen());
+        let base = template(default_listen(), default_admin());
         let no_stop = base.replace("rounds = 3", "");
         let config: ServerConfig = toml::from_str(&no_stop).unwrap();
         assert!(config.validate().unwrap_err().to_string().contains("[stop]"));

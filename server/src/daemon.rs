@@ -9,6 +9,7 @@
 //! connection's outbox, and wakes itself for the Coordinator's timers and for the end of a
 //! disconnected client's grace period.
 
+use crate::admin::{AdminQuery, AdminService, proto};
 use crate::config::ServerConfig;
 use crate::datadir::DataDir;
 use crate::files;
@@ -33,8 +34,8 @@ use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
-/// What a connection asks of the coordinator thread.
-enum Request {
+/// What a connection or the admin API asks of the coordinator thread.
+pub(crate) enum Request {
     Hello {
         name: String,
         num_samples: u64,
@@ -58,18 +59,19 @@ enum Request {
         client: ClientId,
         connection: u64,
     },
+    Admin(AdminQuery),
     Stop,
 }
 
 /// The coordinator's answer to an offered update.
-enum UpdateVerdict {
+pub(crate) enum UpdateVerdict {
     Accepted,
     Refused(String),
     Internal(String),
 }
 
 /// What the coordinator thread tells a connection.
-enum ToClient {
+pub(crate) enum ToClient {
     Task {
         task: TaskId,
         local_steps: u32,
@@ -150,9 +152,30 @@ pub fn serve(dir: &DataDir, data_dir: Option<&Path>) -> Result<RunSummary> {
         wire_out: AtomicU64::new(0),
     });
     let grace = Duration::from_secs_f64(config.server.reconnect_grace_s);
+    let (metrics_tx, _) = tokio::sync::broadcast::channel(64);
+    let admin_listener = runtime
+        .block_on(tokio::net::TcpListener::bind(config.server.admin))
+        .with_context(|| format!("admin API on {}", config.server.admin))?;
+    let admin_address = admin_listener.local_addr()?;
+    let _ = std::fs::write(dir.root().join("admin-listening"), admin_address.to_string());
+    tracing::info!(address = %admin_address, "admin API listening");
+    let admin = runtime.spawn({
+        let service = AdminService::new(requests.clone(), metrics_tx.clone());
+        async move {
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(admin_listener).with_nodelay(Some(true));
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(proto::admin_server::AdminServer::new(service))
+                .serve_with_incoming(incoming)
+                .await
+            {
+                tracing::error!(error = %e, "the admin API stopped");
+            }
+        }
+    });
     let coordinator = std::thread::Builder::new()
         .name("fl-server-coordinator".into())
-        .spawn(move || coordinate(run, inbox, grace, finished_tx))
+        .spawn(move || coordinate(run, inbox, grace, finished_tx, metrics_tx))
         .context("starting the coordinator thread")?;
 
     runtime.block_on(async {
@@ -182,6 +205,7 @@ pub fn serve(dir: &DataDir, data_dir: Option<&Path>) -> Result<RunSummary> {
             .await
             .ok();
     });
+    admin.abort();
     drop(requests);
     let (mut summary, busy, summary_path, finished) = coordinator
         .join()
@@ -235,8 +259,10 @@ fn coordinate(
     inbox: std_mpsc::Receiver<Request>,
     grace: Duration,
     finished: tokio::sync::watch::Sender<bool>,
+    metrics: tokio::sync::broadcast::Sender<crate::run::VersionMetrics>,
 ) -> Result<(RunSummary, Duration, PathBuf, bool)> {
     let mut busy = Duration::ZERO;
+    let mut pause = Pause::default();
     let mut connected: HashMap<ClientId, Connected> = HashMap::new();
     // Registered clients without a connection, and when they count as gone.
     let mut away: HashMap<ClientId, Instant> = HashMap::new();
@@ -267,6 +293,7 @@ fn coordinate(
         let mut outgoing = Vec::new();
         match request {
             Some(Request::Stop) => break,
+            Some(Request::Admin(query)) => answer(&mut run, query, &connected, &mut pause, &mut outgoing),
             Some(request) => {
                 handle_request(&mut run, request, grace, &mut connected, &mut away, &mut outgoing)?;
             }
@@ -285,7 +312,10 @@ fn coordinate(
         if run.next_wakeup().is_some_and(|at| at <= run.now()) {
             outgoing.extend(run.handle(Event::Timer)?);
         }
-        dispatch(&mut run, outgoing, &mut connected);
+        pause.dispatch(&mut run, outgoing, &mut connected);
+        for m in run.take_committed() {
+            let _ = metrics.send(m);
+        }
         busy += handling.elapsed();
         if run.is_finished() {
             let version = run.version();
@@ -404,9 +434,113 @@ fn handle_request(
                 }
             }
         }
-        Request::Stop => {}
+        // Answered by the coordinator loop itself.
+        Request::Admin(_) | Request::Stop => {}
     }
     Ok(())
+}
+
+/// Whether tasks are being held back (the admin API's pause), and the held ones.
+#[derive(Default)]
+struct Pause {
+    paused: bool,
+    held: Vec<Outgoing>,
+}
+
+impl Pause {
+    /// Dispatches `outgoing`, holding tasks back while paused.
+    fn dispatch(
+        &mut self,
+        run: &mut Run,
+        outgoing: Vec<Outgoing>,
+        connected: &mut HashMap<ClientId, Connected>,
+    ) {
+        let (tasks, others): (Vec<Outgoing>, Vec<Outgoing>) = outgoing
+            .into_iter()
+            .partition(|o| matches!(o, Outgoing::Task { .. }));
+        if self.paused {
+            self.held.extend(tasks);
+            dispatch(run, others, connected);
+        } else {
+            dispatch(run, tasks.into_iter().chain(others).collect(), connected);
+        }
+    }
+}
+
+/// Answers an admin query.
+fn answer(
+    run: &mut Run,
+    query: AdminQuery,
+    connected: &HashMap<ClientId, Connected>,
+    pause: &mut Pause,
+    outgoing: &mut Vec<Outgoing>,
+) {
+    match query {
+        AdminQuery::Status(reply) => {
+            let summary = run.summary();
+            let coordinator = run.coordinator();
+            let _ = reply.send(proto::StatusReply {
+                version: run.version().0,
+                algorithm: summary.algorithm.clone(),
+                connected_clients: connected.len() as u32,
+                registered_clients: coordinator.clients().count() as u32,
+                running_tasks: coordinator.running_tasks().count() as u32,
+                folded_updates: coordinator.pending_folds() as u32,
+                waiting_updates: coordinator.held_updates() as u32,
+                paused: pause.paused,
+                finished: run.is_finished(),
+                time_s: summary.time_s,
+                bytes_up: summary.bytes_up,
+                bytes_down: summary.bytes_down,
+                last_accuracy: run.last_accuracy(),
+                target_rounds: run.config().stop.rounds,
+            });
+        }
+        AdminQuery::Clients(reply) => {
+            let names = run.client_names().unwrap_or_default();
+            let clients = names
+                .into_iter()
+                .map(|(id, name)| {
+                    let record = run
+                        .coordinator()
+                        .clients()
+                        .find(|(c, _)| *c == id)
+                        .map(|(_, r)| r.clone());
+                    proto::ClientInfo {
+                        id: id.0,
+                        name,
+                        connected: connected.contains_key(&id),
+                        registered: record.is_some(),
+                        num_samples: record.as_ref().map_or(0, |r| r.num_samples),
+                        task: record.as_ref().and_then(|r| r.task).map(|t| t.0),
+                        delivered: record.as_ref().map_or(0, |r| r.delivered),
+                        failures_in_a_row: record.as_ref().map_or(0, |r| r.failures_in_a_row),
+                    }
+                })
+                .collect();
+            let _ = reply.send(clients);
+        }
+        AdminQuery::Pause(paused, reply) => {
+            if pause.paused != paused {
+                tracing::info!(paused, "admin: {}", if paused { "paused" } else { "resumed" });
+            }
+            // Resuming dispatches through the caller's outgoing list, so held tasks go out in order.
+            if paused {
+                pause.paused = true;
+            } else {
+                pause.paused = false;
+                outgoing.extend(std::mem::take(&mut pause.held).into_iter().filter(|o| match o {
+                    Outgoing::Task { task, .. } => run.coordinator().running_task(*task).is_some(),
+                    _ => true,
+                }));
+            }
+            let _ = reply.send(pause.paused);
+        }
+        AdminQuery::Model(reply) => {
+            let b = run.broadcast();
+            let _ = reply.send((b.version.0, b.data[0].clone()));
+        }
+    }
 }
 
 /// Hands what the run decided to the connections it concerns.

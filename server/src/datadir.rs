@@ -84,8 +84,15 @@ fn write_new(path: &Path, contents: &str, private: bool) -> Result<()> {
 }
 
 /// Creates a data directory: a CA, a server certificate for `names` (DNS names and IPs), and a
-/// commented configuration listening on `listen`. Refuses a directory that already holds one.
-pub fn init(dir: &DataDir, server_name: &str, names: &[String], listen: SocketAddr) -> Result<()> {
+/// commented configuration listening on `listen` with its admin API on `admin`. Refuses a
+/// directory that already holds one.
+pub fn init(
+    dir: &DataDir,
+    server_name: &str,
+    names: &[String],
+    listen: SocketAddr,
+    admin: SocketAddr,
+) -> Result<()> {
     if dir.config().exists() || dir.ca_cert().exists() {
         bail!(
             "{} already holds an fl-server data directory",
@@ -110,7 +117,7 @@ pub fn init(dir: &DataDir, server_name: &str, names: &[String], listen: SocketAd
     write_new(&dir.tls("ca.key"), &ca.key, true)?;
     write_new(&dir.tls("server.pem"), &server.cert, false)?;
     write_new(&dir.tls("server.key"), &server.key, true)?;
-    write_new(&dir.config(), &crate::config::template(listen), false)?;
+    write_new(&dir.config(), &crate::config::template(listen, admin), false)?;
     Ok(())
 }
 

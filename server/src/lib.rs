@@ -6,8 +6,10 @@
 //!   restart by replaying the event log.
 //! - [`store`] and [`files`]: durable state (sled index and event log, atomic tensor files).
 //! - [`daemon`]: QUIC connections and the coordinator thread.
+//! - [`admin`]: the gRPC admin API (status, clients, metrics stream, pause/resume, export).
 //! - [`bench`]: a loopback deployment measured from the server's side.
 
+pub mod admin;
 pub mod bench;
 pub mod config;
 pub mod daemon;

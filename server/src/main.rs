@@ -3,8 +3,12 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use shoal_server::admin::proto::{
+    ExportModelRequest, ListClientsRequest, PauseRequest, StatusRequest, WatchMetricsRequest,
+};
 use shoal_server::datadir::{self, DataDir};
 use shoal_server::store::Store;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -32,6 +36,9 @@ enum Command {
         /// QUIC address written into server.toml.
         #[arg(long, default_value = "127.0.0.1:4433")]
         listen: SocketAddr,
+        /// gRPC admin address written into server.toml (keep it on loopback).
+        #[arg(long, default_value = "127.0.0.1:4434")]
+        admin: SocketAddr,
     },
     /// Issue a client certificate and key into DIR/clients/NAME/ (with the CA certificate).
     IssueClient {
@@ -73,6 +80,37 @@ enum Command {
         #[arg(long, default_value = "runs/server-bench")]
         out: PathBuf,
     },
+    /// Ask a running server (through its admin API) for its status and clients.
+    Status {
+        /// The data directory.
+        dir: PathBuf,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop sending new tasks (running tasks finish; their updates are accepted).
+    Pause {
+        /// The data directory.
+        dir: PathBuf,
+    },
+    /// Send tasks again.
+    Resume {
+        /// The data directory.
+        dir: PathBuf,
+    },
+    /// Print one line per committed version as the run goes.
+    Watch {
+        /// The data directory.
+        dir: PathBuf,
+    },
+    /// Save the current global model (little-endian f32, the layout's order).
+    Export {
+        /// The data directory.
+        dir: PathBuf,
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// List the committed versions of a run and the updates folded into each.
     History {
         /// The data directory.
@@ -81,6 +119,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Runs one admin API call on a small runtime.
+fn admin_call(call: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(call)
 }
 
 fn main() -> Result<()> {
@@ -99,9 +146,10 @@ fn main() -> Result<()> {
             names,
             name,
             listen,
+            admin,
         } => {
             let data = DataDir::new(&dir);
-            datadir::init(&data, &name, &names, listen)?;
+            datadir::init(&data, &name, &names, listen, admin)?;
             println!("created {}", dir.display());
             println!("  configuration: {}", data.config().display());
             println!("  CA certificate: {}", data.ca_cert().display());
@@ -172,6 +220,131 @@ fn main() -> Result<()> {
             );
             std::fs::write(out.join("bench.json"), serde_json::to_string_pretty(&r)?)?;
         }
+        Command::Status { dir, json } => admin_call(async {
+            let mut admin = shoal_server::admin::connect(&DataDir::new(&dir)).await?;
+            let status = admin.status(StatusRequest {}).await?.into_inner();
+            let clients = admin
+                .list_clients(ListClientsRequest {})
+                .await?
+                .into_inner()
+                .clients;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "version": status.version,
+                        "algorithm": status.algorithm,
+                        "connected_clients": status.connected_clients,
+                        "registered_clients": status.registered_clients,
+                        "running_tasks": status.running_tasks,
+                        "folded_updates": status.folded_updates,
+                        "waiting_updates": status.waiting_updates,
+                        "paused": status.paused,
+                        "finished": status.finished,
+                        "time_s": status.time_s,
+                        "bytes_up": status.bytes_up,
+                        "bytes_down": status.bytes_down,
+                        "last_accuracy": status.last_accuracy,
+                        "target_rounds": status.target_rounds,
+                        "clients": clients.iter().map(|c| serde_json::json!({
+                            "id": c.id, "name": c.name, "connected": c.connected, "registered": c.registered,
+                            "num_samples": c.num_samples, "task": c.task, "delivered": c.delivered,
+                            "failures_in_a_row": c.failures_in_a_row,
+                        })).collect::<Vec<_>>(),
+                    })
+                );
+            } else {
+                let target = status.target_rounds.map_or(String::new(), |r| format!(" of {r}"));
+                println!(
+                    "version {}{target} · {} · {:.1} s",
+                    status.version, status.algorithm, status.time_s
+                );
+                println!(
+                    "clients: {} connected, {} registered, {} running a task",
+                    status.connected_clients, status.registered_clients, status.running_tasks
+                );
+                println!(
+                    "aggregation in progress: {} folded, {} waiting{}{}",
+                    status.folded_updates,
+                    status.waiting_updates,
+                    if status.paused { " · PAUSED" } else { "" },
+                    if status.finished { " · finished" } else { "" }
+                );
+                if let Some(a) = status.last_accuracy {
+                    println!("held-out accuracy: {a:.4}");
+                }
+                for c in clients {
+                    let task = c.task.map_or("-".to_string(), |t| format!("task-{t}"));
+                    println!(
+                        "  {:>4} {:<20} {:<12} {:>8} samples  {:>6} delivered  {}",
+                        c.id,
+                        c.name,
+                        if c.connected {
+                            "connected"
+                        } else if c.registered {
+                            "away"
+                        } else {
+                            "gone"
+                        },
+                        c.num_samples,
+                        c.delivered,
+                        task
+                    );
+                }
+            }
+            Ok(())
+        })?,
+        Command::Pause { dir } => admin_call(async {
+            let mut admin = shoal_server::admin::connect(&DataDir::new(&dir)).await?;
+            let reply = admin.pause(PauseRequest {}).await?.into_inner();
+            println!("paused: {}", reply.paused);
+            Ok(())
+        })?,
+        Command::Resume { dir } => admin_call(async {
+            let mut admin = shoal_server::admin::connect(&DataDir::new(&dir)).await?;
+            let reply = admin.resume(PauseRequest {}).await?.into_inner();
+            println!("paused: {}", reply.paused);
+            Ok(())
+        })?,
+        Command::Watch { dir } => admin_call(async {
+            let mut admin = shoal_server::admin::connect(&DataDir::new(&dir)).await?;
+            let mut stream = admin.watch_metrics(WatchMetricsRequest {}).await?.into_inner();
+            let mut out = std::io::stdout().lock();
+            while let Some(m) = stream.message().await? {
+                let accuracy = m.accuracy.map_or("-".into(), |a| format!("{a:.4}"));
+                let line = writeln!(
+                    out,
+                    "version {:>5}  {:>9.1} s  {:>3} updates  accuracy {accuracy}  up {} B  down {} B",
+                    m.version, m.time_s, m.updates, m.bytes_up, m.bytes_down
+                );
+                // A reader that went away (`| head`) ends the watch.
+                if line.and_then(|()| out.flush()).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        })?,
+        Command::Export { dir, out } => admin_call(async {
+            let mut admin = shoal_server::admin::connect(&DataDir::new(&dir)).await?;
+            let mut stream = admin.export_model(ExportModelRequest {}).await?.into_inner();
+            let mut bytes = Vec::new();
+            let mut version = 0;
+            while let Some(chunk) = stream.message().await? {
+                anyhow::ensure!(
+                    chunk.offset * 4 == bytes.len() as u64,
+                    "chunks arrived out of order"
+                );
+                version = chunk.version;
+                bytes.extend_from_slice(&chunk.values);
+            }
+            std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "version {version}: {} parameters → {}",
+                bytes.len() / 4,
+                out.display()
+            );
+            Ok(())
+        })?,
         Command::History { dir, json } => {
             let config = shoal_server::config::ServerConfig::load(&DataDir::new(&dir).config())?;
             let store = Store::open(&dir.join("state"), config.fingerprint())?;

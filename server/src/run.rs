@@ -209,6 +209,8 @@ pub struct Run {
     initial_accuracy: Option<f64>,
     last_accuracy: Option<f64>,
     finished: bool,
+    /// Versions committed since the last [`Run::take_committed`] (for the admin metrics stream).
+    committed_metrics: Vec<VersionMetrics>,
 }
 
 /// Decodes an update's payloads (one per part, back to back in `bytes`) for `layout`, checking
@@ -317,6 +319,7 @@ impl Run {
             initial_accuracy: None,
             last_accuracy: None,
             finished,
+            committed_metrics: Vec::new(),
         };
         run.restore_metrics();
         run.replay()?;
@@ -677,6 +680,7 @@ impl Run {
             "committed"
         );
         let line = serde_json::to_string(&record)?;
+        self.committed_metrics.push(record);
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -726,6 +730,21 @@ impl Run {
             ),
             process: None,
         }
+    }
+
+    /// The versions committed since the last call.
+    pub fn take_committed(&mut self) -> Vec<VersionMetrics> {
+        std::mem::take(&mut self.committed_metrics)
+    }
+
+    /// Every client name the run has seen, with its id.
+    pub fn client_names(&self) -> Result<Vec<(ClientId, String)>> {
+        Ok(self.store.client_names()?)
+    }
+
+    /// Held-out accuracy of the latest evaluated version.
+    pub fn last_accuracy(&self) -> Option<f64> {
+        self.last_accuracy
     }
 
     /// Where `summary.json` is written.

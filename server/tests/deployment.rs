@@ -1,5 +1,5 @@
 //! fl-server and fl-client as real processes on loopback, with mutual TLS and MNIST partitions:
-//! the local-federation example end to end, a server killed with SIGKILL in the middle of an
+//! the local-federation example end to end, the admin API, a server killed with SIGKILL in the middle of an
 //! aggregation that resumes and aggregates every acknowledged update exactly once, and clients
 //! that are refused (no valid certificate) or disconnected (truncated, oversized, corrupted
 //! uploads) while the rounds complete with the others.
@@ -17,7 +17,9 @@ use shoal_net::protocol::{
 };
 use shoal_net::stream::{MessageReader, send_stream, write_message};
 use shoal_net::tls::{self, PemPair};
+use shoal_server::admin::proto::{ExportModelRequest, PauseRequest, StatusRequest};
 use shoal_server::config::ServerConfig;
+use shoal_server::datadir::DataDir;
 use shoal_server::store::Store;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -299,6 +301,28 @@ fn bad_clients_are_refused_or_disconnected_and_the_rounds_complete_without_them(
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
+        // The admin API answers on its own (loopback) address.
+        let mut admin = shoal_server::admin::connect(&DataDir::new(dir)).await.unwrap();
+        let status = admin.status(StatusRequest {}).await.unwrap().into_inner();
+        assert_eq!(
+            (status.version, status.connected_clients, status.paused),
+            (0, 0, false)
+        );
+        assert_eq!(status.target_rounds, Some(3));
+        assert!(admin.pause(PauseRequest {}).await.unwrap().into_inner().paused);
+        assert!(!admin.resume(PauseRequest {}).await.unwrap().into_inner().paused);
+        let mut chunks = admin
+            .export_model(ExportModelRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let mut values = 0;
+        while let Some(chunk) = chunks.message().await.unwrap() {
+            assert_eq!(chunk.offset, values);
+            values += chunk.values.len() as u64 / 4;
+            assert_eq!(chunk.dim, 199_210, "the 2NN on MNIST");
+        }
+        assert_eq!(values, 199_210);
         assert!(
             refused(address, &ca, None).await,
             "a client without a certificate is refused"

@@ -108,10 +108,12 @@ pub fn run(cmd: &mut Command) -> String {
 /// client certificates, and applies `edit` to its configuration text.
 pub fn init_run(dir: &Path, clients: usize, edit: impl Fn(String) -> String) {
     let bin = bin_dir();
-    run(Command::new(bin.join("fl-server"))
-        .args(["init"])
-        .arg(dir)
-        .args(["--listen", "127.0.0.1:0"]));
+    run(Command::new(bin.join("fl-server")).args(["init"]).arg(dir).args([
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ]));
     for i in 0..clients {
         run(Command::new(bin.join("fl-server"))
             .arg("issue-client")
