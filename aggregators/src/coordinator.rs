@@ -613,6 +613,11 @@ impl Coordinator {
         self.core.running.values()
     }
 
+    /// The record of a registered client.
+    pub fn client(&self, client: ClientId) -> Option<&ClientRecord> {
+        self.core.clients.get(&client)
+    }
+
     /// The running task `task`, if it is running.
     pub fn running_task(&self, task: TaskId) -> Option<&TaskRecord> {
         self.core.running.get(&task)

@@ -340,7 +340,12 @@ async fn receive_model(conn: &quinn::Connection, spec: &TaskSpec, work: &mut Wor
     else {
         bail!("expected a model stream");
     };
-    if task != spec.task || sent_dim != dim as u64 || vectors.first() != Some(&BroadcastVector::Model) {
+    // A broadcast holds the model and at most its three companion vectors: never allocate more.
+    if task != spec.task
+        || sent_dim != dim as u64
+        || vectors.first() != Some(&BroadcastVector::Model)
+        || vectors.len() > 4
+    {
         bail!(
             "the model stream ({task}, {} vectors of {sent_dim}) does not match {} with {dim} parameters",
             vectors.len(),

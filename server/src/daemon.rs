@@ -501,11 +501,7 @@ fn answer(
             let clients = names
                 .into_iter()
                 .map(|(id, name)| {
-                    let record = run
-                        .coordinator()
-                        .clients()
-                        .find(|(c, _)| *c == id)
-                        .map(|(_, r)| r.clone());
+                    let record = run.coordinator().client(id).cloned();
                     proto::ClientInfo {
                         id: id.0,
                         name,

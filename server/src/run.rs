@@ -447,15 +447,14 @@ impl Run {
 
     /// Whether the Coordinator knows the client (it is registered and has not left).
     pub fn is_registered(&self, client: ClientId) -> bool {
-        self.coordinator.clients().any(|(c, _)| c == client)
+        self.coordinator.client(client).is_some()
     }
 
     /// The task `client` is running, if any.
     pub fn running_task_of(&self, client: ClientId) -> Option<TaskRecord> {
         self.coordinator
-            .clients()
-            .find(|(c, _)| *c == client)
-            .and_then(|(_, r)| r.task)
+            .client(client)
+            .and_then(|r| r.task)
             .and_then(|t| self.coordinator.running_task(t).copied())
     }
 
