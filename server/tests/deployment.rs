@@ -182,13 +182,13 @@ enum Misbehaviour {
 }
 
 /// Connects as `identity`, waits for a task, sends a bad upload for it, and returns the error code
-/// the server sent and the code it closed the connection with.
+/// the server sent and the code it closed the connection with (`None`: ended by a reset).
 async fn bad_upload(
     address: SocketAddr,
     ca: &str,
     identity: &PemPair,
     how: Misbehaviour,
-) -> (ErrorCode, u64) {
+) -> (ErrorCode, Option<u64>) {
     let endpoint = client_endpoint(ca, Some(identity), Timeouts::default(), address).unwrap();
     let conn = endpoint.connect(address, "localhost").unwrap().await.unwrap();
     let (mut send, recv) = conn.open_bi().await.unwrap();
@@ -253,9 +253,12 @@ async fn bad_upload(
             other => panic!("expected an error, got {other:?}"),
         }
     };
+    // The connection ends with the error's close code; under load the close frame may lose the
+    // race with the server forgetting the connection, and then the end is a stateless reset.
     let closed = match conn.closed().await {
-        quinn::ConnectionError::ApplicationClosed(close) => close.error_code.into_inner(),
-        other => panic!("expected an application close, got {other}"),
+        quinn::ConnectionError::ApplicationClosed(close) => Some(close.error_code.into_inner()),
+        quinn::ConnectionError::Reset => None,
+        other => panic!("expected the server to close the connection, got {other}"),
     };
     endpoint.close(0u32.into(), b"");
     (code, closed)
@@ -343,7 +346,9 @@ fn bad_clients_are_refused_or_disconnected_and_the_rounds_complete_without_them(
         ] {
             let (code, closed) = bad_upload(address, &ca, &rogue, how).await;
             assert_eq!(code, expected);
-            assert_eq!(closed, u64::from(expected.close_code()));
+            if let Some(closed) = closed {
+                assert_eq!(closed, u64::from(expected.close_code()));
+            }
         }
     });
     let status = server.wait_for_exit(Duration::from_secs(180));
