@@ -8,12 +8,14 @@
 //! - [`payload`]: the self-describing, versioned, checksummed payload, and its decoder that refuses
 //!   bad bytes with a [`DecodeError`] within caller-set [`DecodeLimits`].
 //! - [`feedback`]: classic error feedback and EF21 around any compressor.
-//! - [`activation`]: 8-bit affine quantisation of split-learning activations and gradients.
+//! - [`activation`]: 8-bit affine quantisation of split-learning activations and gradients;
+//!   [`cut`]: their wire format at a split cut (with the minibatch's labels).
 //! - [`CodecCompressor`]: the core `Compressor` trait over a chain, for the client rules.
 
 pub mod activation;
 pub mod bits;
 mod compressor;
+pub mod cut;
 mod error;
 pub mod feedback;
 pub mod huffman;

@@ -107,16 +107,60 @@ pub fn encode(spec: &CodecSpec, layout: &Layout, values: &[f32], seed: u64) -> R
         body_len,
         tensors,
     };
-    let header = postcard::to_stdvec(&header).map_err(|e| CodecError::Header(e.to_string()))?;
+    seal(MAGIC, &header, &body)
+}
+
+/// Frames a postcard header and a body: `magic | version | header length | header | body | xxh3`.
+/// The payload format and the cut-tensor format ([`crate::cut`]) share it.
+pub(crate) fn seal(magic: [u8; 4], header: &impl Serialize, body: &[u8]) -> Result<Vec<u8>, CodecError> {
+    let header = postcard::to_stdvec(header).map_err(|e| CodecError::Header(e.to_string()))?;
     let mut out = Vec::with_capacity(FRAME_BYTES + header.len() + body.len());
-    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&magic);
     out.push(FORMAT_VERSION);
     out.extend_from_slice(&(header.len() as u32).to_le_bytes());
     out.extend_from_slice(&header);
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
     let checksum = xxh3_64(&out);
     out.extend_from_slice(&checksum.to_le_bytes());
     Ok(out)
+}
+
+/// Checks a frame written by [`seal`] (size limit, magic, version, checksum) and returns its parsed
+/// header and its body.
+pub(crate) fn open<H: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    magic: [u8; 4],
+    max_bytes: u64,
+) -> Result<(H, &[u8]), DecodeError> {
+    if bytes.len() as u64 > max_bytes {
+        return Err(DecodeError::TooLarge {
+            size: bytes.len() as u64,
+            limit: max_bytes,
+        });
+    }
+    if bytes.len() < FRAME_BYTES {
+        return Err(DecodeError::Truncated("frame"));
+    }
+    if bytes[..4] != magic {
+        return Err(DecodeError::BadMagic);
+    }
+    if bytes[4] != FORMAT_VERSION {
+        return Err(DecodeError::UnsupportedVersion(bytes[4]));
+    }
+    let (content, checksum) = bytes.split_at(bytes.len() - 8);
+    let mut sum = [0u8; 8];
+    sum.copy_from_slice(checksum);
+    if xxh3_64(content) != u64::from_le_bytes(sum) {
+        return Err(DecodeError::Checksum);
+    }
+    let header_len = u32::from_le_bytes([content[5], content[6], content[7], content[8]]) as usize;
+    let rest = &content[9..];
+    if header_len > rest.len() {
+        return Err(DecodeError::Truncated("header"));
+    }
+    let (header_bytes, body) = rest.split_at(header_len);
+    let header = postcard::from_bytes(header_bytes).map_err(|e| DecodeError::Header(e.to_string()))?;
+    Ok((header, body))
 }
 
 /// Decodes a payload for `layout` into a new vector.
@@ -137,35 +181,7 @@ pub fn decode_into(
     limits: &DecodeLimits,
     out: &mut [f32],
 ) -> Result<PayloadInfo, DecodeError> {
-    if bytes.len() as u64 > limits.max_payload_bytes {
-        return Err(DecodeError::TooLarge {
-            size: bytes.len() as u64,
-            limit: limits.max_payload_bytes,
-        });
-    }
-    if bytes.len() < FRAME_BYTES {
-        return Err(DecodeError::Truncated("frame"));
-    }
-    if bytes[..4] != MAGIC {
-        return Err(DecodeError::BadMagic);
-    }
-    if bytes[4] != FORMAT_VERSION {
-        return Err(DecodeError::UnsupportedVersion(bytes[4]));
-    }
-    let (content, checksum) = bytes.split_at(bytes.len() - 8);
-    let mut sum = [0u8; 8];
-    sum.copy_from_slice(checksum);
-    if xxh3_64(content) != u64::from_le_bytes(sum) {
-        return Err(DecodeError::Checksum);
-    }
-    let header_len = u32::from_le_bytes([content[5], content[6], content[7], content[8]]) as usize;
-    let rest = &content[9..];
-    if header_len > rest.len() {
-        return Err(DecodeError::Truncated("header"));
-    }
-    let (header_bytes, body) = rest.split_at(header_len);
-    let header: Header =
-        postcard::from_bytes(header_bytes).map_err(|e| DecodeError::Header(e.to_string()))?;
+    let (header, body): (Header, &[u8]) = open(bytes, MAGIC, limits.max_payload_bytes)?;
     let codec: CodecSpec = header
         .codec
         .parse()
