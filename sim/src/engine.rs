@@ -11,6 +11,13 @@
 //! their availability windows (a task running when its device goes offline is lost), and a task is
 //! lost with the device's dropout probability before its upload starts.
 //!
+//! A split-learning task ([`Workload::split_serving`]) replaces the single compute phase with its
+//! minibatch exchanges: for each local step the device runs the head forward, uploads the forward
+//! message, the server runs the tail (on one of its lanes, first come first served — or, under
+//! SplitFed V2, holding its one tail for one task at a time, so clients are served in turn), the
+//! gradient comes back over the downlink, and the device runs the head backward. The message sizes
+//! are the real encoded sizes of what the task computed.
+//!
 //! What a task computes is the [`Workload`]'s business: real training (`training`), or nothing but
 //! sizes (`systems`). The engine asks for a task's result only when its `Trained` event comes, so a
 //! workload may compute every task started so far in parallel at that moment without changing the
@@ -52,6 +59,9 @@ pub enum SimError {
     /// The `[algorithm]` table cannot run.
     #[error("{0}")]
     Config(#[from] ConfigError),
+    /// Split training failed.
+    #[error("split learning: {0}")]
+    Split(#[from] shoal_split::SplitError),
     /// A task the workload does not know.
     #[error("the workload has no {0}")]
     UnknownTask(TaskId),
@@ -64,6 +74,31 @@ pub struct Finished {
     pub upload_bytes: u64,
     /// Mean local training loss (0 when nothing is trained).
     pub loss: f32,
+}
+
+/// How split-learning tasks use the server and the device.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SplitServing {
+    /// Device compute of one step's head forward pass, as a fraction of the device's step time.
+    pub head_forward: f64,
+    /// Device compute of one step's head backward pass, as a fraction of the device's step time.
+    pub head_backward: f64,
+    /// Server seconds per step (the tail's forward and backward pass of one minibatch).
+    pub server_step_s: f64,
+    /// Minibatches the server processes at once.
+    pub lanes: usize,
+    /// Whether a task holds the server from its first step to its last (SplitFed V2: one tail,
+    /// clients in turn).
+    pub in_turn: bool,
+}
+
+/// The message sizes of a split task's steps.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SplitSteps {
+    /// Bytes of each step's forward message.
+    pub up: Vec<u64>,
+    /// Bytes of each step's gradient message.
+    pub down: Vec<u64>,
 }
 
 /// What the devices compute and what the server does with it.
@@ -82,6 +117,16 @@ pub trait Workload {
     fn fold(&mut self, task: TaskId, weight: f64) -> Result<(), SimError>;
     /// Applies what was folded: a new global version.
     fn aggregate(&mut self, num_clients: usize) -> Result<(), SimError>;
+    /// Split learning: how tasks use the server; `None` (the default) for federated workloads.
+    fn split_serving(&self) -> Option<SplitServing> {
+        None
+    }
+    /// Split learning: the task's step messages. Called when its model download is done, or under
+    /// [`SplitServing::in_turn`] when the server takes the task — the moment a workload whose
+    /// tasks share server state must compute it.
+    fn split_steps(&mut self, task: TaskId) -> Result<SplitSteps, SimError> {
+        Err(SimError::UnknownTask(task))
+    }
 }
 
 /// Counters of a run.
@@ -135,6 +180,12 @@ enum Happening {
     Downloaded(TaskId),
     Trained(TaskId),
     Uploaded(TaskId),
+    /// A split step's forward message reached the server.
+    StepSent(TaskId),
+    /// The server finished a split step.
+    StepServed(TaskId),
+    /// A split step's gradient reached the device.
+    StepReturned(TaskId),
     Wake,
 }
 
@@ -158,6 +209,18 @@ struct TaskRun {
     jitter: f64,
     loss: f32,
     upload_bytes: u64,
+    /// Split tasks: the step in progress.
+    step: u32,
+}
+
+/// The server of split-learning runs: lanes, what waits for them, and which task holds it.
+#[derive(Debug, Default)]
+struct SplitServer {
+    busy: usize,
+    waiting_steps: VecDeque<TaskId>,
+    waiting_tasks: VecDeque<TaskId>,
+    held_by: Option<TaskId>,
+    steps: HashMap<TaskId, SplitSteps>,
 }
 
 /// A seed for anything random about one task, from the run seed and the task id.
@@ -187,6 +250,8 @@ pub struct Engine<W> {
     fold_staleness: Vec<u64>,
     fold_losses: Vec<f64>,
     losses: HashMap<TaskId, f32>,
+    split: Option<SplitServing>,
+    split_server: SplitServer,
 }
 
 impl<W: Workload> Engine<W> {
@@ -194,6 +259,7 @@ impl<W: Workload> Engine<W> {
     /// join then; the others when their window opens.
     pub fn new(coordinator: Coordinator, fleet: Fleet, samples: Vec<u64>, workload: W, seed: u64) -> Self {
         let n = fleet.devices.len();
+        let split = workload.split_serving();
         let mut engine = Self {
             coordinator,
             fleet,
@@ -211,6 +277,8 @@ impl<W: Workload> Engine<W> {
             fold_staleness: Vec::new(),
             fold_losses: Vec::new(),
             losses: HashMap::new(),
+            split,
+            split_server: SplitServer::default(),
         };
         for i in 0..n {
             let availability = engine.fleet.devices[i].availability;
@@ -279,6 +347,9 @@ impl<W: Workload> Engine<W> {
             self.now = at;
             self.stats.events += 1;
             self.happen(happening)?;
+            if self.split.is_some_and(|s| s.in_turn) {
+                self.admit_in_turn()?;
+            }
         }
     }
 
@@ -327,6 +398,16 @@ impl<W: Workload> Engine<W> {
                     return Ok(());
                 };
                 self.stats.bytes_down += self.workload.download_bytes();
+                if let Some(serving) = self.split {
+                    if serving.in_turn {
+                        self.split_server.waiting_tasks.push_back(task);
+                        return self.admit_in_turn();
+                    }
+                    let steps = self.workload.split_steps(task)?;
+                    self.split_server.steps.insert(task, steps);
+                    self.send_step(task, 0.0);
+                    return Ok(());
+                }
                 let step = self.fleet.devices[run.device as usize].step_time_s;
                 let compute = f64::from(run.local_steps) * step * run.jitter;
                 self.push(
@@ -373,7 +454,115 @@ impl<W: Workload> Engine<W> {
                     duration_s: self.now.micros_since(run.started) as f64 * 1e-6,
                 }))?;
             }
+            Happening::StepSent(task) => {
+                let (Some(run), Some(serving)) = (self.tasks.get(&task).copied(), self.split) else {
+                    return Ok(());
+                };
+                self.stats.bytes_up += self.step_bytes(task, run.step).0;
+                let done = self.now.after_micros(micros_from_secs(serving.server_step_s));
+                if serving.in_turn {
+                    self.push(done, Happening::StepServed(task));
+                } else if self.split_server.busy < serving.lanes.max(1) {
+                    self.split_server.busy += 1;
+                    self.push(done, Happening::StepServed(task));
+                } else {
+                    self.split_server.waiting_steps.push_back(task);
+                }
+            }
+            Happening::StepServed(task) => {
+                let Some(serving) = self.split else {
+                    return Ok(());
+                };
+                if !serving.in_turn {
+                    self.split_server.busy = self.split_server.busy.saturating_sub(1);
+                    while let Some(next) = self.split_server.waiting_steps.pop_front() {
+                        if self.tasks.contains_key(&next) {
+                            self.split_server.busy += 1;
+                            let done = self.now.after_micros(micros_from_secs(serving.server_step_s));
+                            self.push(done, Happening::StepServed(next));
+                            break;
+                        }
+                    }
+                }
+                let Some(run) = self.tasks.get(&task).copied() else {
+                    return Ok(());
+                };
+                let bytes = self.step_bytes(task, run.step).1;
+                let down = &self.fleet.devices[run.device as usize].down;
+                let seconds = down.transfer_s(self.now.as_secs_f64(), bytes);
+                self.push(
+                    self.now.after_micros(micros_from_secs(seconds)),
+                    Happening::StepReturned(task),
+                );
+            }
+            Happening::StepReturned(task) => {
+                let (Some(run), Some(serving)) = (self.tasks.get(&task).copied(), self.split) else {
+                    return Ok(());
+                };
+                self.stats.bytes_down += self.step_bytes(task, run.step).1;
+                let step_s = self.fleet.devices[run.device as usize].step_time_s * run.jitter;
+                let backward_s = step_s * serving.head_backward;
+                let next = run.step + 1;
+                if let Some(r) = self.tasks.get_mut(&task) {
+                    r.step = next;
+                }
+                if next < run.local_steps {
+                    self.send_step(task, backward_s);
+                } else {
+                    self.split_server.steps.remove(&task);
+                    if self.split_server.held_by == Some(task) {
+                        self.split_server.held_by = None;
+                        self.admit_in_turn()?;
+                    }
+                    self.push(
+                        self.now.after_micros(micros_from_secs(backward_s)),
+                        Happening::Trained(task),
+                    );
+                }
+            }
             Happening::Wake => self.deliver(Event::Timer)?,
+        }
+        Ok(())
+    }
+
+    /// The forward and gradient bytes of a split task's step.
+    fn step_bytes(&self, task: TaskId, step: u32) -> (u64, u64) {
+        let steps = self.split_server.steps.get(&task);
+        let at = |v: Option<&Vec<u64>>| v.and_then(|v| v.get(step as usize)).copied().unwrap_or(0);
+        (at(steps.map(|s| &s.up)), at(steps.map(|s| &s.down)))
+    }
+
+    /// The device runs `before_s` of other work (the previous step's head backward), the head
+    /// forward of its current step, and uploads the forward message.
+    fn send_step(&mut self, task: TaskId, before_s: f64) {
+        let (Some(run), Some(serving)) = (self.tasks.get(&task).copied(), self.split) else {
+            return;
+        };
+        let profile = &self.fleet.devices[run.device as usize];
+        let forward_s = profile.step_time_s * run.jitter * serving.head_forward;
+        let ready = self.now.as_secs_f64() + before_s + forward_s;
+        let bytes = self.step_bytes(task, run.step).0;
+        let seconds = profile.up.transfer_s(ready, bytes);
+        let at = self
+            .now
+            .after_micros(micros_from_secs(before_s + forward_s) + micros_from_secs(seconds));
+        self.push(at, Happening::StepSent(task));
+    }
+
+    /// SplitFed V2: when the server is free, it takes the next waiting task whose download is
+    /// done, and that task's steps are computed against the shared tail as it is now.
+    fn admit_in_turn(&mut self) -> Result<(), SimError> {
+        if self.split_server.held_by.is_some() {
+            return Ok(());
+        }
+        while let Some(task) = self.split_server.waiting_tasks.pop_front() {
+            if self.tasks.contains_key(&task) {
+                self.split_server.held_by = Some(task);
+                let steps = self.workload.split_steps(task)?;
+                self.split_server.steps.insert(task, steps);
+                self.send_step(task, 0.0);
+                break;
+            }
         }
         Ok(())
     }
@@ -381,6 +570,11 @@ impl<W: Workload> Engine<W> {
     /// Forgets a task's run and frees its device.
     fn end_task(&mut self, task: TaskId) -> Option<TaskRun> {
         let run = self.tasks.remove(&task)?;
+        self.split_server.steps.remove(&task);
+        if self.split_server.held_by == Some(task) {
+            // A task lost mid-way frees the server; the next one is taken after this event.
+            self.split_server.held_by = None;
+        }
         let slot = &mut self.device_task[run.device as usize];
         if *slot == Some(task) {
             *slot = None;
@@ -428,6 +622,7 @@ impl<W: Workload> Engine<W> {
                         jitter,
                         loss: 0.0,
                         upload_bytes: 0,
+                        step: 0,
                     },
                 );
                 self.device_task[device as usize] = Some(task);
@@ -536,6 +731,121 @@ mod tests {
         fn aggregate(&mut self, _: usize) -> Result<(), SimError> {
             Ok(())
         }
+    }
+
+    /// Split steps of fixed sizes: 1000-byte forward and gradient messages.
+    struct SplitCounting {
+        serving: SplitServing,
+        inner: Counting,
+        computed_at: Vec<TaskId>,
+    }
+
+    impl Workload for SplitCounting {
+        fn download_bytes(&self) -> u64 {
+            self.inner.download_bytes()
+        }
+        fn start(&mut self, task: TaskId, client: usize, steps: u32) -> Result<(), SimError> {
+            self.inner.start(task, client, steps)
+        }
+        fn finish(&mut self, task: TaskId) -> Result<Finished, SimError> {
+            self.inner.finish(task)
+        }
+        fn delivered(&mut self, task: TaskId) -> Result<(), SimError> {
+            self.inner.delivered(task)
+        }
+        fn forget(&mut self, task: TaskId) {
+            self.inner.forget(task);
+        }
+        fn fold(&mut self, task: TaskId, weight: f64) -> Result<(), SimError> {
+            self.inner.fold(task, weight)
+        }
+        fn aggregate(&mut self, n: usize) -> Result<(), SimError> {
+            self.inner.aggregate(n)
+        }
+        fn split_serving(&self) -> Option<SplitServing> {
+            Some(self.serving)
+        }
+        fn split_steps(&mut self, task: TaskId) -> Result<SplitSteps, SimError> {
+            self.computed_at.push(task);
+            Ok(SplitSteps {
+                up: vec![1000; 3],
+                down: vec![1000; 3],
+            })
+        }
+    }
+
+    fn split_round(lanes: usize, in_turn: bool) -> (Aggregated, EngineStats, usize) {
+        // 1 MB down at 8 Mbit/s = 1 s; 0.25 MB up at 2 Mbit/s = 1 s; 1000-byte step messages take
+        // 1 ms each way at 8 Mbit/s. Step time 0.1 s: head forward 0.01 s, backward 0.02 s; the
+        // server takes 0.05 s per step.
+        let cfg = FleetConfig {
+            compute: ComputeSpec::Homogeneous,
+            down: LinkSpec::Constant { mbit_s: 8.0 },
+            up: LinkSpec::Constant { mbit_s: 8.0 },
+            ..FleetConfig::default()
+        };
+        let fleet = cfg.build(2, 0.1, None, 0).unwrap();
+        for d in &fleet.devices {
+            assert_eq!(d.step_time_s, 0.1);
+        }
+        let coordinator = {
+            let cfg = AlgorithmConfig {
+                local_steps: 3,
+                ..AlgorithmConfig::new(
+                    RuleConfig::FedAvg { server_lr: 1.0 },
+                    SchedulerConfig::Sync(SyncConfig {
+                        clients_per_round: Some(2),
+                        ..SyncConfig::default()
+                    }),
+                )
+            };
+            cfg.build(0).unwrap().1
+        };
+        let workload = SplitCounting {
+            serving: SplitServing {
+                head_forward: 0.1,
+                head_backward: 0.2,
+                server_step_s: 0.05,
+                lanes,
+                in_turn,
+            },
+            inner: Counting::default(),
+            computed_at: Vec::new(),
+        };
+        // Uploads of the head update go at 8 Mbit/s too: 250 kB in 0.25 s.
+        let mut engine = Engine::new(coordinator, fleet, vec![10; 2], workload, 1);
+        let first = engine
+            .next_aggregation(Timestamp::from_secs_f64(100.0))
+            .unwrap()
+            .unwrap();
+        (first, engine.stats(), engine.workload().computed_at.len())
+    }
+
+    #[test]
+    fn split_steps_cross_the_links_and_queue_for_the_server() {
+        let close = |a: Timestamp, b: f64| (a.as_secs_f64() - b).abs() < 20e-6;
+        // One task: 1 s download, 3 × (0.01 fwd + 0.001 up + 0.05 server + 0.001 down) + 3 × 0.02
+        // backward, 0.25 s upload.
+        let alone = 1.0 + 3.0 * 0.062 + 3.0 * 0.02 + 0.25;
+        let (parallel, stats, computed) = split_round(2, false);
+        assert!(close(parallel.time, alone), "{:?} vs {alone}", parallel.time);
+        assert_eq!(parallel.updates, 2);
+        assert_eq!(computed, 2);
+        // Step messages are counted both ways, with the head download and upload.
+        assert_eq!(stats.bytes_up, 2 * (3 * 1000 + 250_000));
+        assert_eq!(stats.bytes_down, 2 * (1_000_000 + 3 * 1000));
+        // One lane: the second device's steps wait for the first's.
+        let (one_lane, _, _) = split_round(1, false);
+        assert!(one_lane.time.as_secs_f64() > alone + 0.04, "{:?}", one_lane.time);
+        // In turn (SplitFed V2): the second task starts its steps when the first has had its
+        // last gradient: 3 × 0.062 + 2 × 0.02 later.
+        let (in_turn, _, computed) = split_round(4, true);
+        assert!(
+            close(in_turn.time, alone + 3.0 * 0.062 + 2.0 * 0.02),
+            "{:?}",
+            in_turn.time
+        );
+        assert_eq!(computed, 2);
     }
 
     fn sync_fedavg(clients: usize) -> Coordinator {

@@ -8,17 +8,21 @@
 
 use crate::engine::{Engine, EngineStats, SimError};
 use crate::fleet::{FleetConfig, FleetSummary};
+use crate::split::{ServerModel, SplitSetup, SplitTraffic, SplitWorkload};
 use crate::training::{SystemsWorkload, TrainingSetup, TrainingWorkload};
 use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 use shoal_aggregators::AlgorithmConfig;
 use shoal_compression::CodecSpec;
+use shoal_core::Params;
 use shoal_core::Timestamp;
 use shoal_model::Model;
 use shoal_model::data::partition::PartitionSpec;
 use shoal_model::data::synthetic::SyntheticConfig;
-use shoal_model::data::{DatasetName, resolve_data_root};
+use shoal_model::data::{Dataset, DatasetName, resolve_data_root};
 pub use shoal_model::zoo::ModelConfig;
+use shoal_split::SplitConfig;
+use shoal_split::inference::{self, SplitProfile};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -32,6 +36,9 @@ pub enum Mode {
     Training,
     /// Sizes and times only, for fleets of 10⁵–10⁶ devices: no data, no training, no accuracy.
     SystemsOnly,
+    /// Split learning (SplitFed V1/V2, `[split]`): devices train the head, the server the tail;
+    /// every minibatch's activations and gradients cross the simulated links.
+    Split,
 }
 
 /// `[data]`.
@@ -134,6 +141,12 @@ pub struct ExperimentConfig {
     /// When and how to evaluate.
     #[serde(default)]
     pub eval: EvalConfig,
+    /// Split learning (`mode = "split"`): cut, bottleneck, SplitFed variant, cut codecs.
+    #[serde(default)]
+    pub split: Option<SplitConfig>,
+    /// The simulated server's compute (split runs charge the tail's work on it).
+    #[serde(default)]
+    pub server: ServerModel,
 }
 
 /// Merges `over` into `base`: tables key by key, everything else replaced.
@@ -224,6 +237,30 @@ impl ExperimentConfig {
         );
         self.fleet.validate()?;
         self.algorithm.build(self.seed).context("[algorithm]")?;
+        match (&self.split, self.mode) {
+            (Some(split), Mode::Split) => {
+                use shoal_aggregators::{RuleConfig, SchedulerConfig};
+                ensure!(
+                    matches!(self.algorithm.rule, RuleConfig::FedAvg { server_lr } if server_lr == 1.0),
+                    "split runs average heads (and V1 tails) as SplitFed does: [algorithm.rule] must be \
+                     `fedavg` with server_lr = 1"
+                );
+                ensure!(
+                    matches!(self.algorithm.scheduler, SchedulerConfig::Sync(_)),
+                    "split runs train in synchronous rounds: [algorithm.scheduler] must be `sync`"
+                );
+                ensure!(
+                    self.server.gflops.is_finite() && self.server.gflops > 0.0 && self.server.lanes >= 1,
+                    "[server] needs gflops > 0 and lanes ≥ 1"
+                );
+                split
+                    .cut_model(&self.model_for_shape()?)
+                    .with_context(|| format!("[split] cutting `{}`", self.model.name))?;
+            }
+            (None, Mode::Split) => bail!("mode = \"split\" needs a [split] table (at least `cut`)"),
+            (Some(_), _) => bail!("a [split] table needs mode = \"split\""),
+            (None, _) => {}
+        }
         if self.mode == Mode::SystemsOnly {
             ensure!(
                 self.fleet.count.is_some() || self.data.partition.is_some(),
@@ -357,6 +394,47 @@ pub struct Summary {
     pub engine: EngineStats,
     /// The fleet that was simulated.
     pub fleet: FleetSummary,
+    /// Split runs: what crossed the cut, what each side computes, split inference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<SplitSummary>,
+}
+
+/// Split learning in `summary.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SplitSummary {
+    /// The `[split]` table as run.
+    pub config: SplitConfig,
+    /// Parameters and FLOPs of each side (what the device must hold and run).
+    pub profile: SplitProfile,
+    /// Forward-message bytes per training sample (activations and labels), over folded tasks.
+    pub bytes_up_per_sample: f64,
+    /// Gradient bytes per training sample.
+    pub bytes_down_per_sample: f64,
+    /// Traffic totals of the folded tasks.
+    pub traffic: SplitTraffic,
+    /// Bytes per sample of the raw input (1 per pixel for MNIST, 4 per feature otherwise).
+    pub raw_input_bytes_per_sample: f64,
+    /// Bytes per sample of the cut tensor without the bottleneck, as f32.
+    pub cut_f32_bytes_per_sample: f64,
+    /// Bytes per sample of the cut tensor without the bottleneck, through the activation codec
+    /// (measured on the test set with the trained head).
+    pub cut_encoded_bytes_per_sample: f64,
+    /// Split inference of the final model on the test set, through the activation codec.
+    pub inference: SplitInference,
+}
+
+/// Split inference (split computing) with the final model.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SplitInference {
+    /// Test accuracy as deployed (quantised activations).
+    pub accuracy: f64,
+    /// Bytes a device sends per sample in evaluation batches.
+    pub bytes_per_sample: f64,
+    /// Bytes of a one-sample request.
+    pub request_bytes: f64,
+    /// Latency of one sample over the fleet: head on the device, request over its uplink, tail on
+    /// the server, the prediction back over its downlink.
+    pub latency_s: crate::fleet::Quantiles,
 }
 
 /// Everything a run produces.
@@ -415,41 +493,24 @@ pub fn run(
                 &model,
                 engine,
                 |_: &Engine<SystemsWorkload>| Ok(None),
+                |_: &Engine<SystemsWorkload>| Ok(None),
                 start,
                 progress,
             )
         }
         Mode::Training => {
-            let data = config
-                .data
-                .dataset
-                .load(root.as_deref(), &config.data.synthetic)
-                .context("loading the dataset")?;
-            let partition = match (&config.data.partition, data.natural_partition) {
-                (Some(spec), _) => spec
-                    .partition(data.train.labels(), data.train.num_classes(), config.seed)
-                    .context("[data] partition")?,
-                (None, Some(natural)) => natural,
-                (None, None) => bail!("[data] partition is required for {:?}", config.data.dataset),
-            };
-            let model = Arc::new(
-                config
-                    .model
-                    .build(data.train.sample_shape(), data.train.num_classes())
-                    .with_context(|| format!("[model] `{}`", config.model.name))?,
-            );
-            let base = config.base_step_time(&model);
-            let count = partition.num_clients();
-            let fleet = config.fleet.build(count, base, root.as_deref(), config.seed)?;
-            let samples: Vec<u64> = partition.sizes().into_iter().map(|s| s as u64).collect();
-            let mut test = data.test;
-            if let Some(n) = config.eval.test_samples {
-                test = test.head(n);
-            }
+            let Loaded {
+                train,
+                test,
+                partition,
+                model,
+                fleet,
+                samples,
+            } = load(config, root.as_deref())?;
             let workload = TrainingWorkload::new(TrainingSetup {
                 model: model.clone(),
-                train: Arc::new(data.train),
-                partition: partition.clients().to_vec(),
+                train,
+                partition,
                 batch_size: config.model.batch_size,
                 config: config.algorithm.clone(),
                 codec: config.codec.clone(),
@@ -461,9 +522,162 @@ pub fn run(
                 let e = engine.workload().evaluate(&test, batch_size)?;
                 Ok(Some((e.accuracy, e.loss)))
             };
-            drive(config, &model, engine, evaluate, start, progress)
+            drive(config, &model, engine, evaluate, |_| Ok(None), start, progress)
         }
+        Mode::Split => run_split(config, root.as_deref(), coordinator, start, progress),
     }
+}
+
+/// A training or split run's data, model and fleet.
+struct Loaded {
+    train: Arc<Dataset>,
+    test: Dataset,
+    partition: Vec<Vec<usize>>,
+    model: Arc<Model>,
+    fleet: crate::fleet::Fleet,
+    samples: Vec<u64>,
+}
+
+fn load(config: &ExperimentConfig, root: Option<&Path>) -> Result<Loaded> {
+    let data = config
+        .data
+        .dataset
+        .load(root, &config.data.synthetic)
+        .context("loading the dataset")?;
+    let partition = match (&config.data.partition, data.natural_partition) {
+        (Some(spec), _) => spec
+            .partition(data.train.labels(), data.train.num_classes(), config.seed)
+            .context("[data] partition")?,
+        (None, Some(natural)) => natural,
+        (None, None) => bail!("[data] partition is required for {:?}", config.data.dataset),
+    };
+    let model = Arc::new(
+        config
+            .model
+            .build(data.train.sample_shape(), data.train.num_classes())
+            .with_context(|| format!("[model] `{}`", config.model.name))?,
+    );
+    let base = config.base_step_time(&model);
+    let fleet = config
+        .fleet
+        .build(partition.num_clients(), base, root, config.seed)?;
+    let samples: Vec<u64> = partition.sizes().into_iter().map(|s| s as u64).collect();
+    let mut test = data.test;
+    if let Some(n) = config.eval.test_samples {
+        test = test.head(n);
+    }
+    Ok(Loaded {
+        train: Arc::new(data.train),
+        test,
+        partition: partition.clients().to_vec(),
+        model,
+        fleet,
+        samples,
+    })
+}
+
+/// Bytes a prediction takes on the way back to the device in split inference.
+const PREDICTION_BYTES: u64 = 8;
+
+fn run_split(
+    config: &ExperimentConfig,
+    root: Option<&Path>,
+    coordinator: shoal_aggregators::Coordinator,
+    start: Instant,
+    progress: &mut dyn RunProgress,
+) -> Result<RunOutput> {
+    let split_config = config
+        .split
+        .clone()
+        .context("mode = \"split\" needs a [split] table")?;
+    let Loaded {
+        train,
+        test,
+        partition,
+        model,
+        fleet,
+        samples,
+    } = load(config, root)?;
+    let workload = SplitWorkload::new(SplitSetup {
+        model: model.clone(),
+        train,
+        partition,
+        batch_size: config.model.batch_size,
+        lr: config.algorithm.local_lr,
+        split: split_config.clone(),
+        codec: config.codec.clone(),
+        server: config.server,
+        seed: config.seed,
+    })?;
+    let engine = Engine::new(coordinator, fleet, samples, workload, config.seed);
+    let batch_size = config.eval.batch_size;
+    let evaluate = |engine: &Engine<SplitWorkload>| {
+        let e = engine.workload().evaluate(&test, batch_size)?;
+        Ok(Some((e.accuracy, e.loss)))
+    };
+    let raw_byte = if config.data.dataset == DatasetName::Mnist {
+        1.0
+    } else {
+        4.0
+    };
+    let describe = |engine: &Engine<SplitWorkload>| -> Result<Option<SplitSummary>> {
+        let w = engine.workload();
+        let split = w.split_model();
+        let (head, _) = w.params();
+        let final_eval = w.evaluate(&test, batch_size)?;
+        let traffic = w.traffic();
+        let per = |bytes: u64| bytes as f64 / traffic.samples.max(1) as f64;
+        // The same cut without the bottleneck: the trained head's layers up to the cut layer.
+        let plain = Arc::new(model.split(&split_config.cut, None)?);
+        let mut plain_head = Params::zeros(plain.head.layout().clone());
+        plain_head.copy_matching_segments(&Params::from_vec(split.head.layout().clone(), head.to_vec())?);
+        let plain_values: usize = plain.wire_shape().iter().product();
+        let plain_bytes = inference::forward_bytes(
+            &plain,
+            plain_head.as_slice(),
+            &split_config.activations,
+            &test,
+            batch_size,
+        )?;
+        let request = inference::forward_bytes(
+            split,
+            head,
+            &split_config.activations,
+            &test.head(100.min(test.len())),
+            1,
+        )?;
+        let profile = SplitProfile::of(split);
+        let whole_flops = (model.training_flops_per_sample() * config.model.batch_size as u64).max(1) as f64;
+        let server_s = profile.tail_forward_flops as f64 / (config.server.gflops * 1e9);
+        let latency: Vec<f64> = engine
+            .fleet()
+            .devices
+            .iter()
+            .map(|d| {
+                let head_s = d.step_time_s * profile.head_forward_flops as f64 / whole_flops;
+                let up_s = d.up.transfer_s(0.0, request.ceil() as u64);
+                let down_s = d.down.transfer_s(head_s + up_s + server_s, PREDICTION_BYTES);
+                head_s + up_s + server_s + down_s
+            })
+            .collect();
+        Ok(Some(SplitSummary {
+            config: split_config.clone(),
+            profile,
+            bytes_up_per_sample: per(traffic.forward_bytes),
+            bytes_down_per_sample: per(traffic.gradient_bytes),
+            traffic,
+            raw_input_bytes_per_sample: raw_byte * model.input_shape().iter().product::<usize>() as f64,
+            cut_f32_bytes_per_sample: 4.0 * plain_values as f64,
+            cut_encoded_bytes_per_sample: plain_bytes,
+            inference: SplitInference {
+                accuracy: final_eval.accuracy,
+                bytes_per_sample: final_eval.bytes_per_sample,
+                request_bytes: request,
+                latency_s: crate::fleet::Quantiles::of(latency),
+            },
+        }))
+    };
+    drive(config, &model, engine, evaluate, describe, start, progress)
 }
 
 /// Staleness and loss of the updates folded since the last record.
@@ -475,11 +689,13 @@ struct Window {
     loss_sum: f64,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn drive<W: crate::engine::Workload>(
     config: &ExperimentConfig,
     model: &Model,
     mut engine: Engine<W>,
     evaluate: impl Fn(&Engine<W>) -> Result<Option<(f64, f64)>, SimError>,
+    describe_split: impl FnOnce(&Engine<W>) -> Result<Option<SplitSummary>>,
     start: Instant,
     progress: &mut dyn RunProgress,
 ) -> Result<RunOutput> {
@@ -565,6 +781,7 @@ fn drive<W: crate::engine::Workload>(
         progress.evaluated(&r);
         records.push(r);
     }
+    let split = describe_split(&engine).context("measuring the split model")?;
     let wall = start.elapsed().as_secs_f64();
     let stats = engine.stats();
     let first_hit = records.iter().find(|r| reached(r));
@@ -594,6 +811,7 @@ fn drive<W: crate::engine::Workload>(
         peak_memory_bytes: shoal_core::usage::peak_memory_bytes(),
         engine: stats,
         fleet: engine.fleet().summary(),
+        split,
     };
     progress.end(&summary);
     Ok(RunOutput {

@@ -381,6 +381,37 @@ fn print_summary(s: &Summary, dir: &std::path::Path) {
             _ => println!("  target {t}: not reached"),
         }
     }
+    if let Some(sp) = &s.split {
+        println!(
+            "  split ({:?}, cut after `{}`{}): device head {} params, {:.2} MFLOP/sample forward; \
+             up {:.1} B/sample, down {:.1} B/sample",
+            sp.config.variant,
+            sp.config.cut,
+            sp.config
+                .bottleneck
+                .as_ref()
+                .map_or(String::new(), |b| format!(", bottleneck {} channels", b.channels)),
+            sp.profile.head_params,
+            sp.profile.head_forward_flops as f64 / 1e6,
+            sp.bytes_up_per_sample,
+            sp.bytes_down_per_sample
+        );
+        println!(
+            "  bytes per sample: raw input {:.0}, cut without bottleneck {:.0} (f32) / {:.1} ({}), sent {:.1}",
+            sp.raw_input_bytes_per_sample,
+            sp.cut_f32_bytes_per_sample,
+            sp.cut_encoded_bytes_per_sample,
+            sp.config.activations,
+            sp.inference.bytes_per_sample
+        );
+        println!(
+            "  split inference: accuracy {:.4}, {:.0} B per one-sample request, latency p50 {:.1} ms, p90 {:.1} ms",
+            sp.inference.accuracy,
+            sp.inference.request_bytes,
+            sp.inference.latency_s.p50 * 1e3,
+            sp.inference.latency_s.p90 * 1e3
+        );
+    }
     println!(
         "  {} events, {:.0} events/s; wrote {}",
         s.engine.events,

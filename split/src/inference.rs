@@ -115,3 +115,27 @@ pub fn evaluate(
         bytes_per_sample: bytes as f64 / n,
     })
 }
+
+/// Mean bytes per sample of the forward messages (no labels) the head sends for `data` in
+/// batches of `batch_size`.
+pub fn forward_bytes(
+    split: &Arc<SplitModel>,
+    head: &[f32],
+    codec: &CutCodec,
+    data: &Dataset,
+    batch_size: usize,
+) -> Result<f64, SplitError> {
+    let batch_size = batch_size.max(1);
+    let all: Vec<usize> = (0..data.len()).collect();
+    let per_batch = all
+        .par_chunks(batch_size)
+        .map_init(
+            || HeadRunner::frozen(split.clone(), head.to_vec(), *codec, batch_size),
+            |runner, chunk| -> Result<u64, SplitError> {
+                let (x, _) = data.batch(chunk);
+                Ok(runner.forward(x, &[])?.len() as u64)
+            },
+        )
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(per_batch.iter().sum::<u64>() as f64 / data.len().max(1) as f64)
+}
