@@ -4,13 +4,19 @@
 #
 #   examples/local-federation.sh [--clients N] [--rounds R] [--out DIR] [--data-dir DATA]
 #                                [--partition iid|shards|dirichlet:ALPHA] [--bin-dir DIR]
+#                                [--split [--pipeline P] [--local-steps K]]
+#
+# --split runs split learning instead (SplitFed V1): the clients run the head of the FedAvg CNN
+# up to its first conv block plus a 4-channel bottleneck and send 8-bit activations; the server
+# runs the tail. P minibatches of 32 stay in flight per client (default 4), K per round (40).
 #
 # Defaults: 5 clients, 3 rounds, runs/local-federation, data from $SHOAL_DATA (a folder holding
 # mnist/, e.g. ../shared/data). Binaries are built in release mode unless --bin-dir names a folder
 # holding fl-server and fl-client. Everything started is stopped on exit, also on Ctrl-C.
 #
 # Writes DIR/summary.json (rounds, initial_accuracy, final_accuracy, bytes_up, bytes_down,
-# wall_time_s and the server's other figures), DIR/server/ (the server's data directory:
+# wall_time_s and the server's other figures; with --split also the clients' mean training
+# throughput split_samples_per_s and the pipeline depth), DIR/server/ (the server's data directory:
 # server.toml, certificates, state/, metrics.jsonl) and DIR/logs/.
 set -euo pipefail
 
@@ -22,7 +28,11 @@ partition=iid
 bin_dir=
 timeout_s=600
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+split=0
+pipeline=4
+local_steps=40
+
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --clients) clients=$2; shift 2 ;;
@@ -32,6 +42,9 @@ while [[ $# -gt 0 ]]; do
         --partition) partition=$2; shift 2 ;;
         --bin-dir) bin_dir=$2; shift 2 ;;
         --timeout) timeout_s=$2; shift 2 ;;
+        --split) split=1; shift ;;
+        --pipeline) pipeline=$2; shift 2 ;;
+        --local-steps) local_steps=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown option $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -39,6 +52,8 @@ done
 
 [[ "$clients" =~ ^[1-9][0-9]*$ ]] || { echo "--clients must be a positive integer" >&2; exit 2; }
 [[ "$rounds" =~ ^[1-9][0-9]*$ ]] || { echo "--rounds must be a positive integer" >&2; exit 2; }
+[[ "$pipeline" =~ ^[1-9][0-9]*$ ]] || { echo "--pipeline must be a positive integer" >&2; exit 2; }
+[[ "$local_steps" =~ ^[1-9][0-9]*$ ]] || { echo "--local-steps must be a positive integer" >&2; exit 2; }
 if [[ -z "$data_dir" ]]; then
     echo "no data: pass --data-dir DIR or set SHOAL_DATA=DIR, where DIR holds mnist/ (in a checkout: ../shared/data)" >&2
     exit 2
@@ -83,6 +98,19 @@ sed -i \
     -e "s/^rounds = .*/rounds = $rounds/" \
     -e "s/^clients_per_round = .*/clients_per_round = $clients/" \
     "$out/server/server.toml"
+client_flags=()
+if ((split)); then
+    # The CNN cut after its first conv block with the template's [split] table, uncommented.
+    sed -i \
+        -e 's/^name = "mlp"/name = "cnn"/' \
+        -e 's/^batch_size = .*/batch_size = 32/' \
+        -e "s/^local_steps = .*/local_steps = $local_steps/" \
+        -e 's/^local_lr = .*/local_lr = 0.01/' \
+        -e 's/^# test_samples = .*/test_samples = 2000/' \
+        -e '/^# \[split\]/,$ s/^# //' \
+        "$out/server/server.toml"
+    client_flags=(--pipeline "$pipeline")
+fi
 for ((i = 0; i < clients; i++)); do
     "$server_bin" issue-client "$out/server" "device-$i" >> "$out/logs/init.log"
 done
@@ -104,7 +132,7 @@ for ((i = 0; i < clients; i++)); do
     "$client_bin" run --server "$address" --server-name localhost \
         --identity "$out/server/clients/device-$i" \
         --data-dir "$data_dir" --partition "$partition" --num-clients "$clients" --index "$i" \
-        > "$out/logs/client-$i.json" 2> "$out/logs/client-$i.log" &
+        "${client_flags[@]}" > "$out/logs/client-$i.json" 2> "$out/logs/client-$i.log" &
     pids+=("$!")
 done
 
@@ -129,5 +157,11 @@ summary="$out/server/summary.json"
 wall=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.3f", b - a }')
 # The server's summary, plus the wall time of the whole deployment.
 sed -e '$d' "$summary" | sed -e '$s/$/,/' > "$out/summary.json"
+if ((split)); then
+    # The clients' training throughput through the server's tail (each client prints its report).
+    rate=$(cat "$out"/logs/client-*.json | grep -o '"split_samples_per_s": *[0-9.e+-]*' \
+        | awk -F: '{ s += $2; n++ } END { if (n) printf "%.1f", s / n; else print "null" }')
+    printf '  "pipeline": %s,\n  "split_samples_per_s": %s,\n' "$pipeline" "$rate" >> "$out/summary.json"
+fi
 printf '  "wall_time_s": %s,\n  "clients": %s\n}\n' "$wall" "$clients" >> "$out/summary.json"
 cat "$out/summary.json"

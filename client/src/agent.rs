@@ -7,6 +7,7 @@
 //! exits cleanly when the server says the run is finished.
 
 use crate::local_data::DataSource;
+use crate::split_task::{self, SplitFigures};
 use crate::trainer::{EncodedUpdate, TaskSpec, Trainer};
 use anyhow::{Context, Result, bail};
 use rand::rngs::StdRng;
@@ -44,6 +45,8 @@ pub struct AgentOptions {
     pub seed: u64,
     /// Give up after this long without reaching the server.
     pub give_up_after: Duration,
+    /// Split learning: minibatches in flight (default: the server's `[split] pipeline`).
+    pub pipeline: Option<usize>,
 }
 
 /// Counters of one agent's life, printed when it exits.
@@ -61,14 +64,29 @@ pub struct AgentReport {
     pub connections: u64,
     /// Last version the server announced.
     pub final_version: u64,
+    /// Split learning: samples trained through the server's tail.
+    pub split_samples: u64,
+    /// Split learning: seconds spent in split steps (first forward to last gradient, per task).
+    pub split_seconds: f64,
+    /// Split learning: training throughput, samples per second of split steps.
+    pub split_samples_per_s: Option<f64>,
+    /// Split learning: forward-message bytes sent (activations and labels).
+    pub split_forward_bytes: u64,
+    /// Split learning: gradient bytes received.
+    pub split_gradient_bytes: u64,
 }
+
+/// What a task's computation returns: the update, and a split task's figures.
+type Trained = Result<(EncodedUpdate, Option<SplitFigures>)>;
 
 /// Work in hand across connections.
 struct Work {
     trainer: Option<Arc<Trainer>>,
     state: ClientState,
     /// A task being trained.
-    training: Option<(TaskSpec, JoinHandle<Result<EncodedUpdate>>)>,
+    training: Option<(TaskSpec, JoinHandle<Trained>)>,
+    /// Whether that task is a split task (it needs its connection: a disconnection ends it).
+    training_split: bool,
     /// A trained update not yet acknowledged.
     unacknowledged: Option<EncodedUpdate>,
     report: AgentReport,
@@ -109,6 +127,7 @@ pub async fn run(options: AgentOptions) -> Result<AgentReport> {
         trainer: None,
         state: ClientState::default(),
         training: None,
+        training_split: false,
         unacknowledged: None,
         report: AgentReport::default(),
     };
@@ -117,10 +136,22 @@ pub async fn run(options: AgentOptions) -> Result<AgentReport> {
     let mut last_contact = Instant::now();
     loop {
         let outcome = session(&endpoint, &options, &mut data, &mut work).await;
+        if work.training_split && !matches!(outcome, Ok(SessionEnd::Finished)) {
+            // A split task lives on its connection: it starts again when the server resends it.
+            if let Some((spec, handle)) = work.training.take() {
+                tracing::info!(task = %spec.task, "split task interrupted by the disconnection");
+                handle.abort();
+            }
+            work.training_split = false;
+        }
         match outcome {
             Ok(SessionEnd::Finished) => {
                 endpoint.close(0u32.into(), b"finished");
                 endpoint.wait_idle().await;
+                if work.report.split_seconds > 0.0 {
+                    work.report.split_samples_per_s =
+                        Some(work.report.split_samples as f64 / work.report.split_seconds);
+                }
                 return Ok(work.report);
             }
             Ok(SessionEnd::Disconnected(reason)) => {
@@ -178,7 +209,7 @@ async fn session(
             name: options.name.clone(),
             capabilities: Capabilities {
                 codecs: vec!["any".into()],
-                split: false,
+                split: true,
             },
             profile: DeclaredProfile {
                 num_samples,
@@ -194,13 +225,13 @@ async fn session(
     let welcome = tokio::time::timeout(Duration::from_secs(15), reader.next_message::<ServerMessage>())
         .await
         .context("no Welcome within 15 s")??;
-    let (client, run) = match welcome {
+    let (client, run, limits) = match welcome {
         Some(ServerMessage::Welcome {
             protocol_version,
             client,
             run,
-            ..
-        }) if protocol_version == PROTOCOL_VERSION => (client, run),
+            limits,
+        }) if protocol_version == PROTOCOL_VERSION => (client, run, limits),
         Some(ServerMessage::Error {
             code: ErrorCode::VersionMismatch,
             message,
@@ -259,7 +290,24 @@ async fn session(
                         let state = work.state.clone();
                         let run_spec = spec.clone();
                         tracing::info!(%task, %version, local_steps, "training");
-                        let handle = tokio::task::spawn_blocking(move || trainer.train(&run_spec, &broadcast, &state));
+                        let split = trainer.split().map(|role| role.config.pipeline);
+                        let handle = match split {
+                            Some(pipeline) => {
+                                let pipeline = options.pipeline.unwrap_or(pipeline);
+                                let conn = conn.clone();
+                                tokio::spawn(async move {
+                                    let (update, figures) = split_task::train(
+                                        conn, trainer, run_spec, broadcast.x, pipeline, limits.max_split_frame,
+                                    )
+                                    .await?;
+                                    Ok((update, Some(figures)))
+                                })
+                            }
+                            None => tokio::task::spawn_blocking(move || {
+                                trainer.train(&run_spec, &broadcast, &state).map(|u| (u, None))
+                            }),
+                        };
+                        work.training_split = split.is_some();
                         work.training = Some((spec, handle));
                     }
                     ServerMessage::Cancel { task } => {
@@ -303,8 +351,20 @@ async fn session(
             }
             Some(result) = training_done => {
                 let Some((spec, _)) = work.training.take() else { continue };
+                work.training_split = false;
                 match result {
-                    Ok(Ok(update)) => {
+                    Ok(Ok((update, figures))) => {
+                        if let Some(f) = figures {
+                            work.report.split_samples += f.samples;
+                            work.report.split_seconds += f.seconds;
+                            work.report.split_forward_bytes += f.forward_bytes;
+                            work.report.split_gradient_bytes += f.gradient_bytes;
+                            tracing::info!(
+                                task = %spec.task,
+                                samples_per_s = format!("{:.0}", f.samples as f64 / f.seconds.max(1e-9)),
+                                "split steps done"
+                            );
+                        }
                         work.report.tasks += 1;
                         work.unacknowledged = Some(update.clone());
                         upload(&conn, &mut send, &update, work).await?;

@@ -79,6 +79,9 @@ struct RunArgs {
     /// Give up after this many seconds without reaching the server.
     #[arg(long, default_value_t = 120.0)]
     give_up_after_s: f64,
+    /// Split learning: minibatches kept in flight (default: the server's `[split] pipeline`).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pipeline: Option<u16>,
 }
 
 fn resolve(server: &str) -> Result<(SocketAddr, String)> {
@@ -137,6 +140,7 @@ fn main() -> Result<()> {
         data,
         seed: args.seed.unwrap_or(args.index as u64),
         give_up_after: Duration::from_secs_f64(args.give_up_after_s.max(1.0)),
+        pipeline: args.pipeline.map(usize::from),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -6,8 +6,10 @@ use anyhow::{Context, Result, ensure};
 use shoal_aggregators::{Broadcast, ClientRule, ClientState, LocalTask, RuleConfig};
 use shoal_compression::{CodecCompressor, CodecSpec};
 use shoal_core::{ClientId, ModelVersion, TaskId, UpdateMeta};
+use shoal_model::split::SplitModel;
 use shoal_model::{Model, ModelOracle};
 use shoal_net::protocol::RunDescription;
+use shoal_split::SplitConfig;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -46,6 +48,14 @@ impl EncodedUpdate {
     }
 }
 
+/// A split-learning run as the device sees it: the cut model and the `[split]` table.
+pub struct SplitRole {
+    /// The cut model (the device runs its head).
+    pub model: Arc<SplitModel>,
+    /// The server's `[split]` table.
+    pub config: SplitConfig,
+}
+
 /// Trains tasks for one device.
 pub struct Trainer {
     client: ClientId,
@@ -54,6 +64,7 @@ pub struct Trainer {
     data: LocalData,
     batch_size: usize,
     seed: u64,
+    split: Option<SplitRole>,
 }
 
 impl Trainer {
@@ -69,11 +80,27 @@ impl Trainer {
             data.dataset.num_classes(),
         )
         .with_context(|| format!("building `{}`", run.model))?;
+        let split = match &run.split_json {
+            Some(json) => {
+                let config: SplitConfig = serde_json::from_str(json)
+                    .context("the server's [split] table is not one this client knows")?;
+                let cut = config
+                    .cut_model(&model)
+                    .context("cutting the model as the server does")?;
+                Some(SplitRole {
+                    model: Arc::new(cut),
+                    config,
+                })
+            }
+            None => None,
+        };
+        let trained = split
+            .as_ref()
+            .map_or(model.num_params(), |s| s.model.head.num_params());
         ensure!(
-            model.num_params() as u64 == run.dim,
-            "`{}` on this device's data has {} parameters, the server's has {}: the local data has another shape",
+            trained as u64 == run.dim,
+            "`{}` on this device's data has {trained} parameters to train, the server's has {}: the local data has another shape",
             run.model,
-            model.num_params(),
             run.dim
         );
         ensure!(!data.indices.is_empty(), "this device has no training samples");
@@ -84,7 +111,41 @@ impl Trainer {
             data,
             batch_size: run.batch_size.max(1) as usize,
             seed,
+            split,
         })
+    }
+
+    /// The split role, in a split-learning run.
+    pub fn split(&self) -> Option<&SplitRole> {
+        self.split.as_ref()
+    }
+
+    /// The device's samples.
+    pub fn data(&self) -> &LocalData {
+        &self.data
+    }
+
+    /// Local minibatch size.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    /// The seed of one task's minibatches and random codec stages.
+    pub fn task_seed(&self, task: TaskId) -> u64 {
+        self.seed ^ task.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+
+    /// The metadata of an update of `spec` computed since `started`.
+    pub fn meta(&self, spec: &TaskSpec, local_steps: u32, loss: f32, started: Instant) -> UpdateMeta {
+        UpdateMeta {
+            client: self.client,
+            task: spec.task,
+            base_version: spec.version,
+            num_samples: self.num_samples(),
+            local_steps,
+            loss,
+            duration_s: started.elapsed().as_secs_f64(),
+        }
     }
 
     /// Training samples held.
@@ -92,9 +153,11 @@ impl Trainer {
         self.data.indices.len() as u64
     }
 
-    /// Parameters of the model.
+    /// Parameters the device trains and receives (a split run's: the head's).
     pub fn dim(&self) -> usize {
-        self.model.num_params()
+        self.split
+            .as_ref()
+            .map_or(self.model.num_params(), |s| s.model.head.num_params())
     }
 
     /// Runs `spec` from `broadcast` with the client's persistent `state` and encodes the upload;
@@ -106,7 +169,7 @@ impl Trainer {
         state: &ClientState,
     ) -> Result<EncodedUpdate> {
         let started = Instant::now();
-        let seed = self.seed ^ spec.task.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let seed = self.task_seed(spec.task);
         let codec: CodecSpec = spec
             .codec
             .parse()
@@ -141,15 +204,7 @@ impl Trainer {
                 .context("encoding the update")?
         };
         Ok(EncodedUpdate {
-            meta: UpdateMeta {
-                client: self.client,
-                task: spec.task,
-                base_version: spec.version,
-                num_samples: self.num_samples(),
-                local_steps: upload.local_steps,
-                loss: upload.mean_loss,
-                duration_s: started.elapsed().as_secs_f64(),
-            },
+            meta: self.meta(spec, upload.local_steps, upload.mean_loss, started),
             parts,
             next_state: state,
         })

@@ -6,6 +6,14 @@
 //! transfer never blocks control traffic. Messages are postcard-encoded inside length-prefixed
 //! frames (`framing`). The first client message is a `Hello` carrying [`PROTOCOL_VERSION`]; a server
 //! answers a version it does not speak with `Error { code: VersionMismatch }` and closes.
+//!
+//! In a split-learning run ([`RunDescription::split`]) the model stream carries the head only, and
+//! for each task the client opens one bidirectional **split stream**: a [`StreamHeader::Split`]
+//! frame, then one frame per minibatch carrying the encoded cut activations and labels
+//! (`shoal_compression::cut`); the server answers each, in order, with a frame carrying the
+//! gradient at the cut. The client may send several before the first answer (pipelining). When
+//! the steps are done it finishes its side, reads the last gradients, and uploads its head update
+//! as in the federated mode.
 
 use serde::{Deserialize, Serialize};
 use shoal_core::{ClientId, ModelVersion, TaskId, UpdateMeta};
@@ -14,7 +22,7 @@ use shoal_core::{ClientId, ModelVersion, TaskId, UpdateMeta};
 pub const ALPN: &[u8] = b"shoal/1";
 
 /// The protocol version a Hello carries.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// What a device says about itself when it connects (the scheduler's hints; all optional but the
 /// sample count).
@@ -139,6 +147,9 @@ pub struct RunDescription {
     pub batch_size: u32,
     /// The method's `[algorithm.rule]` table as JSON (its tagged form does not fit postcard).
     pub rule_json: String,
+    /// Split learning: the `[split]` table as JSON (cut, bottleneck, codecs, optimiser, pipeline);
+    /// `dim` is then the head's parameter count.
+    pub split_json: Option<String>,
 }
 
 /// Error codes a server sends before closing (or, for `UnknownTask`, carrying on).
@@ -179,6 +190,8 @@ pub struct Limits {
     pub max_control_frame: u32,
     /// Largest update payload, bytes.
     pub max_payload_bytes: u64,
+    /// Largest frame on a split stream (one minibatch's activations or gradient), bytes.
+    pub max_split_frame: u32,
 }
 
 impl Default for Limits {
@@ -186,6 +199,7 @@ impl Default for Limits {
         Self {
             max_control_frame: 64 * 1024,
             max_payload_bytes: 1 << 30,
+            max_split_frame: 64 << 20,
         }
     }
 }
@@ -213,6 +227,12 @@ pub enum StreamHeader {
         /// Bytes of each part, in order.
         part_bytes: Vec<u64>,
     },
+    /// Client → server, first frame of a bidirectional split stream: the minibatch exchanges of
+    /// `task` follow, each way as frames of encoded cut tensors.
+    Split {
+        /// The task being trained.
+        task: TaskId,
+    },
 }
 
 impl StreamHeader {
@@ -225,6 +245,7 @@ impl StreamHeader {
             StreamHeader::Update { part_bytes, .. } => {
                 part_bytes.iter().fold(0u64, |a, &b| a.saturating_add(b))
             }
+            StreamHeader::Split { .. } => 0,
         }
     }
 }

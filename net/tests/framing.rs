@@ -57,6 +57,7 @@ fn server_messages() -> Vec<ServerMessage> {
                 dim: 199_210,
                 batch_size: 10,
                 rule_json: r#"{"rule":"fedavg"}"#.into(),
+                split_json: Some(r#"{"cut":"pool1"}"#.into()),
             },
         },
         ServerMessage::Task {
@@ -114,6 +115,7 @@ fn every_message_round_trips_byte_by_byte() {
             vectors: vec![BroadcastVector::Model, BroadcastVector::ControlVariate],
             dim: 10,
         },
+        StreamHeader::Split { task: TaskId(9) },
     ];
     for header in headers {
         decoder.push(&encode(&header).unwrap());

@@ -9,6 +9,7 @@ use shoal_compression::CodecSpec;
 use shoal_model::data::DatasetName;
 use shoal_model::data::synthetic::SyntheticConfig;
 use shoal_model::zoo::ModelConfig;
+use shoal_split::SplitConfig;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -184,6 +185,9 @@ pub struct ServerConfig {
     /// Storage.
     #[serde(default)]
     pub storage: StorageConfig,
+    /// Split learning: devices run the head, the server the tail (the same table as fl-sim's).
+    #[serde(default)]
+    pub split: Option<SplitConfig>,
 }
 
 impl ServerConfig {
@@ -225,6 +229,21 @@ impl ServerConfig {
             );
         }
         self.algorithm.build(self.seed).context("[algorithm]")?;
+        if let Some(split) = &self.split {
+            use shoal_aggregators::{RuleConfig, SchedulerConfig};
+            ensure!(
+                matches!(self.algorithm.rule, RuleConfig::FedAvg { server_lr } if server_lr == 1.0),
+                "split runs average heads (and V1 tails) as SplitFed does: [algorithm.rule] must be \
+                 `fedavg` with server_lr = 1"
+            );
+            ensure!(
+                matches!(self.algorithm.scheduler, SchedulerConfig::Sync(_)),
+                "split runs train in synchronous rounds: [algorithm.scheduler] must be `sync`"
+            );
+            let (shape, classes) = self.data.dataset.shape(&self.data.synthetic);
+            let model = self.model.build(&shape, classes).context("[model]")?;
+            split.cut_model(&model).context("[split]")?;
+        }
         Ok(())
     }
 
@@ -237,6 +256,7 @@ impl ServerConfig {
             "model": self.model,
             "algorithm": self.algorithm,
             "codec": self.codec.to_string(),
+            "split": self.split,
         });
         xxhash_rust::xxh3::xxh3_64(defining.to_string().as_bytes())
     }
@@ -296,6 +316,17 @@ max_payload_bytes = 1073741824
 
 [storage]
 keep_versions = 20             # model versions whose files are kept (0: all)
+
+# Split learning (SplitFed): devices run the head of the model and send the activations at the
+# cut; this server runs the tail and returns the gradient. The rule must be fedavg (server_lr 1)
+# and the scheduler sync. Uncomment to enable:
+# [split]
+# cut = "pool1"                  # the layer after which the model is cut (cnn: its first conv block)
+# bottleneck = {{ channels = 4 }}  # a learned 1×1-convolution bottleneck at the cut
+# variant = "v1"                 # v1: a tail per client, averaged; v2: one tail, clients in turn
+# activations = "int8 | zstd(1)" # codec of the activations; gradients = "f32" (or "int8")
+# momentum = 0.0                 # SGD momentum of both sides (learning rate: local_lr)
+# pipeline = 4                   # minibatches a device keeps in flight
 "#
     )
 }

@@ -16,6 +16,7 @@ use crate::files;
 use crate::run::{
     Offer, Outgoing, ProcessFigures, ReceivedUpdate, Run, RunSummary, SharedBroadcast, decode_update,
 };
+use crate::split::{Serving, SplitRun, Taken};
 use crate::store::Store;
 use anyhow::{Context, Result};
 use shoal_aggregators::Event;
@@ -26,6 +27,7 @@ use shoal_net::protocol::{
 };
 use shoal_net::stream::{MessageReader, StreamError, read_body, read_header, send_stream, write_message};
 use shoal_net::tls::{self, ClientAuth};
+use shoal_split::{SplitError, TailSession};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -86,6 +88,7 @@ pub(crate) enum ToClient {
 struct Shared {
     requests: std_mpsc::Sender<Request>,
     layout: Arc<Layout>,
+    split: Option<Arc<SplitRun>>,
     state_dir: PathBuf,
     limits: Limits,
     lr: f32,
@@ -137,10 +140,12 @@ pub fn serve(dir: &DataDir, data_dir: Option<&Path>) -> Result<RunSummary> {
     let shared = Arc::new(Shared {
         requests: requests.clone(),
         layout: run.layout(),
+        split: run.split().cloned(),
         state_dir: run.state_dir().to_path_buf(),
         limits: Limits {
             max_control_frame: Limits::default().max_control_frame,
             max_payload_bytes: config.server.max_payload_bytes,
+            max_split_frame: Limits::default().max_split_frame,
         },
         lr: config.algorithm.local_lr,
         codec: config.codec.to_string(),
@@ -533,8 +538,7 @@ fn answer(
             let _ = reply.send(pause.paused);
         }
         AdminQuery::Model(reply) => {
-            let b = run.broadcast();
-            let _ = reply.send((b.version.0, b.data[0].clone()));
+            let _ = reply.send((run.broadcast().version.0, run.global_model()));
         }
     }
 }
@@ -553,6 +557,9 @@ fn dispatch(run: &mut Run, outgoing: Vec<Outgoing>, connected: &mut HashMap<Clie
                 debug_assert_eq!(broadcast.version, version);
                 match connected.get(&client) {
                     Some(c) => {
+                        if let Some(split) = run.split() {
+                            split.open(task, client, local_steps);
+                        }
                         run.count_download(broadcast.bytes());
                         let _ = c.outbox.send(ToClient::Task {
                             task,
@@ -597,6 +604,120 @@ impl From<StreamError> for Fatal {
 }
 
 static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Accepts the split streams a client opens and serves each on its own task.
+async fn accept_split_streams(
+    conn: quinn::Connection,
+    shared: Arc<Shared>,
+    split: Arc<SplitRun>,
+    client: ClientId,
+) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let (conn, shared, split) = (conn.clone(), shared.clone(), split.clone());
+        tokio::spawn(async move {
+            let mut task = None;
+            if let Err(Fatal(code, message)) =
+                serve_split(send, recv, &shared, &split, client, &mut task).await
+            {
+                tracing::warn!(%client, ?code, message, "closing a connection for its split stream");
+                if let Some(task) = task {
+                    let _ = shared.requests.send(Request::Failed {
+                        client,
+                        task,
+                        reason: format!("split stream: {message}"),
+                    });
+                }
+                conn.close(code.close_code().into(), message.as_bytes());
+            }
+        });
+    }
+}
+
+/// Serves one split stream: its header names the task; each frame of encoded activations and
+/// labels is answered, in order, by a frame with the gradient at the cut. A stream that asks for
+/// a task this client does not hold is reset; bad frames close the connection, as bad uploads do.
+async fn serve_split(
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    shared: &Shared,
+    split: &SplitRun,
+    client: ClientId,
+    task_of_stream: &mut Option<TaskId>,
+) -> Result<(), Fatal> {
+    let mut reader = MessageReader::new(recv, shared.limits.max_split_frame);
+    let header = tokio::time::timeout(shared.transfer_timeout, reader.next_message::<StreamHeader>())
+        .await
+        .map_err(|_| Fatal(ErrorCode::Unexpected, "no split stream header in time".into()))??;
+    let Some(StreamHeader::Split { task }) = header else {
+        return Err(Fatal(
+            ErrorCode::Unexpected,
+            "expected a split stream header".into(),
+        ));
+    };
+    let Taken { serving, local_steps } = match split.take(task, client) {
+        Ok(taken) => taken,
+        Err(message) => {
+            tracing::info!(%client, %task, message, "split stream refused");
+            let _ = send.reset(ErrorCode::UnknownTask.close_code().into());
+            return Ok(());
+        }
+    };
+    *task_of_stream = Some(task);
+    let serve = |session: &mut TailSession, frame: &[u8]| {
+        tokio::task::block_in_place(|| session.serve(frame)).map_err(|e| match e {
+            SplitError::Diverged(_) => Fatal(ErrorCode::Internal, e.to_string()),
+            other => Fatal(ErrorCode::Malformed, format!("split step of {task}: {other}")),
+        })
+    };
+    let mut steps = 0u32;
+    let mut exchange = async |session: &mut TailSession| -> Result<(), Fatal> {
+        loop {
+            let frame = tokio::time::timeout(shared.transfer_timeout, reader.next_message::<Vec<u8>>())
+                .await
+                .map_err(|_| Fatal(ErrorCode::Unexpected, "a split step timed out".into()))??;
+            let Some(frame) = frame else {
+                return Ok(());
+            };
+            if steps >= local_steps {
+                return Err(Fatal(
+                    ErrorCode::Unexpected,
+                    format!("{task} trains {local_steps} minibatches; a split stream sent more"),
+                ));
+            }
+            let served = serve(session, &frame)?;
+            write_message(&mut send, &served.gradient).await?;
+            split.count(served.batch, frame.len(), served.gradient.len());
+            steps += 1;
+        }
+    };
+    match serving {
+        Serving::Own(mut session) => {
+            let result = exchange(&mut session).await;
+            let complete = result.is_ok() && steps == local_steps;
+            split.release(task, Some(*session), None, complete);
+            result?;
+        }
+        Serving::Shared(shared_tail) => {
+            // SplitFed V2: clients are served in turn — the stream holds the one tail throughout.
+            let mut session = shared_tail.lock().await;
+            let result = exchange(&mut session).await;
+            let complete = result.is_ok() && steps == local_steps;
+            split.release(task, None, Some(session.params()), complete);
+            result?;
+        }
+    }
+    let _ = send.finish();
+    Ok(())
+}
 
 async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let remote = incoming.remote_address();
@@ -736,6 +857,13 @@ impl Session {
             .await?;
         }
         tracing::debug!(%client, name, "session open");
+        // Split streams are served beside the control stream, for as long as the session lasts.
+        let split_streams = shared.split.clone().map(|split| {
+            let conn = self.conn.clone();
+            let shared = shared.clone();
+            AbortOnDrop(tokio::spawn(accept_split_streams(conn, shared, split, client)))
+        });
+        let _split_streams = split_streams;
         loop {
             tokio::select! {
                 message = reader.next_message::<ClientMessage>() => {
@@ -868,10 +996,32 @@ impl Session {
         let incoming = Store::incoming_path(&shared.state_dir, upload);
         let layout = shared.layout.clone();
         let path = incoming.clone();
-        let prepared = tokio::task::spawn_blocking(move || {
-            let parts = decode_update(&body, &part_bytes, &layout)?;
-            files::write_atomic(&path, &[&body]).map_err(|e| format!("storing: {e}"))?;
-            Ok::<_, String>((part_bytes, files::content_hash(&[&body]), parts))
+        let wire_bytes = body.len() as u64;
+        let split = shared.split.clone();
+        let task = meta.task;
+        let prepared = tokio::task::spawn_blocking(move || match split {
+            None => {
+                let parts = decode_update(&body, &part_bytes, &layout)?;
+                files::write_atomic(&path, &[&body]).map_err(|e| format!("storing: {e}"))?;
+                Ok::<_, String>((part_bytes, files::content_hash(&[&body]), parts))
+            }
+            Some(split) => {
+                // The device sends its head; the stored update is [Δhead | Δtail], dense.
+                let head = decode_update(&body, &part_bytes, split.model().head.layout())?;
+                let [head] = head.as_slice() else {
+                    return Err(format!("a split update has one part, this one {}", head.len()));
+                };
+                let full = split.full_update(task, head).map_err(|e| format!("{e:#}"))?;
+                let stored =
+                    shoal_compression::encode(&shoal_compression::CodecSpec::identity(), &layout, &full, 0)
+                        .map_err(|e| format!("storing: {e}"))?;
+                files::write_atomic(&path, &[&stored]).map_err(|e| format!("storing: {e}"))?;
+                Ok((
+                    vec![stored.len() as u64],
+                    files::content_hash(&[&stored]),
+                    vec![full],
+                ))
+            }
         })
         .await
         .map_err(|e| Fatal(ErrorCode::Internal, e.to_string()))?;
@@ -887,6 +1037,7 @@ impl Session {
             client,
             update: ReceivedUpdate {
                 meta,
+                wire_bytes,
                 part_bytes,
                 hash,
                 parts,

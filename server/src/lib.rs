@@ -6,6 +6,8 @@
 //!   restart by replaying the event log.
 //! - [`store`] and [`files`]: durable state (sled index and event log, atomic tensor files).
 //! - [`daemon`]: QUIC connections and the coordinator thread.
+//! - [`split`]: split learning — the head and tail as one global vector, and the tails that
+//!   answer devices' split streams (SplitFed V1/V2).
 //! - [`admin`]: the gRPC admin API (status, clients, metrics stream, pause/resume, export).
 //! - [`bench`]: a loopback deployment measured from the server's side.
 
@@ -16,4 +18,5 @@ pub mod daemon;
 pub mod datadir;
 pub mod files;
 pub mod run;
+pub mod split;
 pub mod store;

@@ -8,6 +8,7 @@
 //! no committed version holds are folded again from their files; nothing is folded twice.
 
 use crate::config::ServerConfig;
+use crate::split::SplitRun;
 use crate::store::{PendingUpdate, Store, StoreError};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -71,7 +72,15 @@ pub struct SharedBroadcast {
 }
 
 impl SharedBroadcast {
-    fn new(version: ModelVersion, b: &Broadcast) -> Self {
+    /// The broadcast of `b`; a split run (`head` = the head's length) sends the head alone.
+    fn new(version: ModelVersion, b: &Broadcast, head: Option<usize>) -> Self {
+        if let Some(h) = head {
+            return Self {
+                version,
+                vectors: vec![BroadcastVector::Model],
+                data: vec![Arc::from(&b.x[..h])],
+            };
+        }
         let mut vectors = vec![BroadcastVector::Model];
         let mut data = vec![b.x.clone()];
         for (kind, v) in [
@@ -113,6 +122,8 @@ pub enum Offer {
 pub struct ReceivedUpdate {
     /// Its metadata, as the client sent it.
     pub meta: UpdateMeta,
+    /// Bytes the client sent for it.
+    pub wire_bytes: u64,
     /// Bytes of each encoded part.
     pub part_bytes: Vec<u64>,
     /// Hash of the payload file.
@@ -161,6 +172,9 @@ pub struct RunSummary {
     pub updates_folded: u64,
     /// Rule and scheduler.
     pub algorithm: String,
+    /// Split runs: what crossed the cut during this start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub split: Option<crate::split::SplitTraffic>,
     /// Process figures the daemon adds when it stops (this start only).
     #[serde(flatten)]
     pub process: Option<ProcessFigures>,
@@ -211,6 +225,8 @@ pub struct Run {
     finished: bool,
     /// Versions committed since the last [`Run::take_committed`] (for the admin metrics stream).
     committed_metrics: Vec<VersionMetrics>,
+    /// Split learning: the cut model and its tails.
+    split: Option<Arc<SplitRun>>,
 }
 
 /// Decodes an update's payloads (one per part, back to back in `bytes`) for `layout`, checking
@@ -249,6 +265,19 @@ impl Run {
                 .with_context(|| format!("[model] `{}`", config.model.name))?,
         );
         let (algorithm, coordinator) = config.algorithm.build(config.seed).context("[algorithm]")?;
+        let split = match &config.split {
+            Some(split) => Some(Arc::new(
+                SplitRun::new(
+                    &model,
+                    split.clone(),
+                    config.algorithm.local_lr,
+                    config.model.batch_size,
+                )
+                .context("[split]")?,
+            )),
+            None => None,
+        };
+        let dim = split.as_ref().map_or(model.num_params(), |s| s.layout().len());
         let eval = if config.eval.enabled {
             let root = data_dir
                 .map(Path::to_path_buf)
@@ -273,19 +302,24 @@ impl Run {
         let state = match committed {
             Some(v) => store.load_version(v).with_context(|| format!("restoring {v}"))?,
             None => {
-                let x0 = model.init_params(config.seed).as_slice().to_vec();
+                let x0 = match &split {
+                    Some(split) => split.initial(&model, config.seed),
+                    None => model.init_params(config.seed).as_slice().to_vec(),
+                };
                 let state = algorithm.server.init_state(x0);
                 store.commit_version(ModelVersion(0), &state, Timestamp::ZERO, Vec::new())?;
                 state
             }
         };
-        if state.x.len() != model.num_params() {
+        if state.x.len() != dim {
             bail!(
-                "the stored model has {} parameters, `{}` has {}",
+                "the stored model has {} parameters, `{}` has {dim}",
                 state.x.len(),
                 config.model.name,
-                model.num_params()
             );
+        }
+        if let Some(split) = &split {
+            split.adopt(&state.x, true);
         }
         let swept = store.sweep_orphans()?;
         if swept > 0 {
@@ -293,10 +327,11 @@ impl Run {
         }
         let fresh = committed.is_none();
         let committed = committed.unwrap_or(ModelVersion(0));
-        let broadcast = SharedBroadcast::new(committed, &state.broadcast());
+        let head = split.as_ref().map(|s| s.head_dim());
+        let broadcast = SharedBroadcast::new(committed, &state.broadcast(), head);
         let finished = store.is_finished()?;
         let mut run = Self {
-            accumulator: algorithm.server.accumulator(model.num_params()),
+            accumulator: algorithm.server.accumulator(dim),
             metrics_path: run_dir.join("metrics.jsonl"),
             summary_path: run_dir.join("summary.json"),
             config,
@@ -320,6 +355,7 @@ impl Run {
             last_accuracy: None,
             finished,
             committed_metrics: Vec::new(),
+            split,
         };
         run.restore_metrics();
         run.replay()?;
@@ -410,9 +446,23 @@ impl Run {
         &self.broadcast
     }
 
-    /// The model layout updates are decoded against.
+    /// The layout of the global vector, which stored updates are decoded against (a split run's
+    /// is the head's segments, then the tail's).
     pub fn layout(&self) -> Arc<Layout> {
-        self.model.layout().clone()
+        match &self.split {
+            Some(split) => split.layout().clone(),
+            None => self.model.layout().clone(),
+        }
+    }
+
+    /// The split run, if this is one.
+    pub fn split(&self) -> Option<&Arc<SplitRun>> {
+        self.split.as_ref()
+    }
+
+    /// The current global vector (a split run's: head and tail).
+    pub fn global_model(&self) -> Arc<[f32]> {
+        Arc::from(self.state.x.as_slice())
     }
 
     /// The state directory (update files are written there by connections).
@@ -424,9 +474,16 @@ impl Run {
     pub fn description(&self) -> RunDescription {
         RunDescription {
             model: self.config.model.name.clone(),
-            dim: self.model.num_params() as u64,
+            dim: self
+                .split
+                .as_ref()
+                .map_or(self.model.num_params(), |s| s.head_dim()) as u64,
             batch_size: self.config.model.batch_size as u32,
             rule_json: serde_json::to_string(&self.config.algorithm.rule).unwrap_or_default(),
+            split_json: self
+                .split
+                .as_ref()
+                .and_then(|s| serde_json::to_string(s.config()).ok()),
         }
     }
 
@@ -493,6 +550,7 @@ impl Run {
     fn decide(&mut self, upload: ReceivedUpdate, incoming: &Path) -> Result<Offer> {
         let ReceivedUpdate {
             meta,
+            wire_bytes,
             part_bytes,
             hash,
             parts,
@@ -522,7 +580,7 @@ impl Run {
             return Ok(Offer::Refused(CoordinatorError::TaskNotRunning(task)));
         }
         let now = self.now();
-        let bytes: u64 = part_bytes.iter().sum();
+        let bytes = wire_bytes;
         let pending = PendingUpdate {
             meta: meta.clone(),
             part_bytes,
@@ -603,7 +661,7 @@ impl Run {
             None => match self.store.pending_update(task)? {
                 Some(pending) => {
                     let bytes = self.store.read_update(&pending)?;
-                    decode_update(&bytes, &pending.part_bytes, self.model.layout())
+                    decode_update(&bytes, &pending.part_bytes, &self.layout())
                         .map_err(|e| anyhow::anyhow!("stored update {task}: {e}"))?
                 }
                 None => return Ok(()),
@@ -631,6 +689,12 @@ impl Run {
             .apply(&mut self.state, &self.accumulator, &ctx)
             .with_context(|| format!("applying {version}"))?;
         self.accumulator.reset();
+        if let Some(split) = &self.split {
+            split.write_shared_tail(&mut self.state.x);
+            split.adopt(&self.state.x, false);
+            let coordinator = &self.coordinator;
+            split.retain(|task| coordinator.running_task(task).is_some());
+        }
         let tasks = std::mem::take(&mut self.folded);
         self.updates_folded += tasks.len() as u64;
         self.store
@@ -638,7 +702,8 @@ impl Run {
             .with_context(|| format!("committing {version}"))?;
         self.committed = version;
         self.store.prune_versions(self.config.storage.keep_versions)?;
-        self.broadcast = SharedBroadcast::new(version, &self.state.broadcast());
+        let head = self.split.as_ref().map(|s| s.head_dim());
+        self.broadcast = SharedBroadcast::new(version, &self.state.broadcast(), head);
         self.record_version(version, updates)
     }
 
@@ -650,8 +715,16 @@ impl Run {
     fn record_version(&mut self, version: ModelVersion, updates: usize) -> Result<()> {
         let evaluation = match &self.eval {
             Some(test) if self.due_for_eval(version) => Some(
-                evaluate(&self.model, &self.state.x, test, self.config.eval.batch_size)
-                    .context("evaluating the global model")?,
+                match &self.split {
+                    Some(split) => split.evaluate(&self.state.x, test, self.config.eval.batch_size),
+                    None => Ok(evaluate(
+                        &self.model,
+                        &self.state.x,
+                        test,
+                        self.config.eval.batch_size,
+                    )?),
+                }
+                .context("evaluating the global model")?,
             ),
             _ => None,
         };
@@ -727,6 +800,7 @@ impl Run {
                 self.config.algorithm.rule.name(),
                 self.coordinator.scheduler_name()
             ),
+            split: self.split.as_ref().map(|s| s.traffic()),
             process: None,
         }
     }

@@ -99,6 +99,67 @@ fn the_local_federation_example_trains_mnist_over_mutual_tls() {
     }
 }
 
+/// Runs the example in split mode with `pipeline` minibatches in flight; its summary.
+fn split_federation(pipeline: u32) -> (serde_json::Value, tempfile::TempDir) {
+    let out = tempfile::tempdir().unwrap();
+    let status = Command::new("bash")
+        .arg(repo_root().join("examples/local-federation.sh"))
+        .args(["--split", "--clients", "3", "--rounds", "2", "--timeout", "400"])
+        .args(["--pipeline", &pipeline.to_string()])
+        .arg("--out")
+        .arg(out.path())
+        .arg("--data-dir")
+        .arg(data_root())
+        .arg("--bin-dir")
+        .arg(bin_dir())
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "the split example failed:\n{}\n{}",
+        String::from_utf8_lossy(&status.stderr),
+        tail(&out.path().join("logs/server.log"))
+    );
+    let summary =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).unwrap()).unwrap();
+    (summary, out)
+}
+
+#[test]
+fn split_clients_train_the_head_while_the_server_trains_the_tail_over_quic() {
+    for pipeline in [1, 4] {
+        let (summary, out) = split_federation(pipeline);
+        assert_eq!(summary["rounds"], 2, "{summary}");
+        assert_eq!(summary["pipeline"], pipeline);
+        let initial = summary["initial_accuracy"].as_f64().unwrap();
+        let last = summary["final_accuracy"].as_f64().unwrap();
+        assert!(
+            last > initial + 0.3,
+            "pipeline {pipeline}: accuracy {initial} → {last}"
+        );
+        // 3 clients × 2 rounds × 40 minibatches of 32 went through the server's tails.
+        let split = &summary["split"];
+        assert_eq!(split["steps"], 240, "{summary}");
+        assert_eq!(split["samples"], 240 * 32);
+        // 14 × 14 × 4 bottleneck levels per sample, zstd'd, under the raw image's 784 bytes.
+        let up = split["bytes_up_per_sample"].as_f64().unwrap();
+        assert!((100.0..784.0).contains(&up), "{up} B/sample up");
+        assert!(
+            summary["split_samples_per_s"].as_f64().unwrap() > 0.0,
+            "{summary}"
+        );
+        // The devices upload only their heads: a few kB per round, not the model.
+        assert!(summary["bytes_up"].as_u64().unwrap() < 6 * 16_000, "{summary}");
+        for i in 0..3 {
+            let log = std::fs::read_to_string(out.path().join(format!("logs/client-{i}.log"))).unwrap();
+            assert!(
+                log.contains("split steps done") && log.contains("the run is finished"),
+                "client {i}:\n{log}"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_server_killed_mid_aggregation_resumes_and_aggregates_each_acknowledged_update_once() {
     let dir = tempfile::tempdir().unwrap();

@@ -46,7 +46,9 @@ pub struct Served {
 }
 
 impl TailSession {
-    fn new(
+    /// A tail starting from `params`, training with `sgd`, answering with `gradients`-encoded
+    /// messages, for minibatches of at most `max_batch` samples.
+    pub fn new(
         model: Arc<SplitModel>,
         params: Vec<f32>,
         sgd: SgdConfig,
@@ -128,7 +130,7 @@ impl TailSession {
     }
 
     /// How far the tail moved since the session began.
-    fn delta(&self) -> Vec<f32> {
+    pub fn delta(&self) -> Vec<f32> {
         self.params.iter().zip(&self.start).map(|(p, s)| p - s).collect()
     }
 }
