@@ -1,8 +1,9 @@
 //! fl-server and fl-client as real processes on loopback, with mutual TLS and MNIST partitions:
 //! the local-federation example end to end, the admin API, a server killed with SIGKILL in the middle of an
-//! aggregation that resumes and aggregates every acknowledged update exactly once, and clients
+//! aggregation that resumes and aggregates every acknowledged update exactly once, clients
 //! that are refused (no valid certificate) or disconnected (truncated, oversized, corrupted
-//! uploads) while the rounds complete with the others.
+//! uploads) while the rounds complete with the others, and split learning: three split clients
+//! with and without pipelining, and bad split streams reset or disconnected.
 
 // Helpers outside #[test] functions unwrap too: a failure there is the test failing.
 #![allow(clippy::unwrap_used)]
@@ -428,4 +429,106 @@ fn bad_clients_are_refused_or_disconnected_and_the_rounds_complete_without_them(
         6,
         "each round folded the two honest updates: {folded:?}"
     );
+}
+
+/// Connects to a split server as `identity` and waits for its task; then, on split streams: one
+/// for a task it does not hold (reset, the connection lives on), one for its own task whose first
+/// frame is not a cut message. Returns whether the first stream was reset and the code the
+/// connection was closed with (`None`: ended by a stateless reset).
+async fn bad_split_streams(address: SocketAddr, ca: &str, identity: &PemPair) -> (bool, Option<u64>) {
+    let endpoint = client_endpoint(ca, Some(identity), Timeouts::default(), address).unwrap();
+    let conn = endpoint.connect(address, "localhost").unwrap().await.unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    write_message(
+        &mut send,
+        &ClientMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            name: "ignored".into(),
+            capabilities: Capabilities {
+                codecs: vec!["any".into()],
+                split: true,
+            },
+            profile: DeclaredProfile {
+                num_samples: 100,
+                step_time_s: None,
+                up_mbit_s: None,
+                down_mbit_s: None,
+            },
+            holding: None,
+        },
+    )
+    .await
+    .unwrap();
+    let mut reader = MessageReader::new(recv, 1 << 20);
+    let task = loop {
+        match reader.next_message::<ServerMessage>().await.unwrap().unwrap() {
+            ServerMessage::Welcome { run, .. } => assert!(run.split_json.is_some(), "a split run"),
+            ServerMessage::Task { task, .. } => break task,
+            _ => {}
+        }
+    };
+    // A task it does not hold: that stream is reset.
+    let (mut other_send, other_recv) = conn.open_bi().await.unwrap();
+    write_message(
+        &mut other_send,
+        &StreamHeader::Split {
+            task: TaskId(task.0 + 1000),
+        },
+    )
+    .await
+    .unwrap();
+    let mut other = MessageReader::new(other_recv, 1 << 20);
+    let reset = matches!(
+        other.next_message::<Vec<u8>>().await,
+        Err(shoal_net::stream::StreamError::Read(quinn::ReadError::Reset(_)))
+    );
+    // Its own task, with a frame that is no cut message: the connection is closed.
+    let (mut split_send, _split_recv) = conn.open_bi().await.unwrap();
+    write_message(&mut split_send, &StreamHeader::Split { task })
+        .await
+        .unwrap();
+    write_message(&mut split_send, &vec![0xABu8; 3000]).await.unwrap();
+    let closed = match conn.closed().await {
+        quinn::ConnectionError::ApplicationClosed(close) => Some(close.error_code.into_inner()),
+        quinn::ConnectionError::Reset => None,
+        other => panic!("expected the server to close the connection, got {other}"),
+    };
+    endpoint.close(0u32.into(), b"");
+    (reset, closed)
+}
+
+#[test]
+fn bad_split_streams_are_reset_or_disconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    init_run(dir, 1, |text| {
+        let split = text.find("# [split]").unwrap();
+        let (head, tail) = text.split_at(split);
+        let tail: String = tail
+            .lines()
+            .map(|l| format!("{}\n", l.trim_start_matches("# ")))
+            .collect();
+        format!("{head}{tail}")
+            .replace("name = \"mlp\"", "name = \"cnn\"")
+            .replace("clients_per_round = 5", "clients_per_round = 1")
+            .replace("enabled = true", "enabled = false")
+    });
+    let (mut server, address) = start_server(dir, 1);
+    let address: SocketAddr = address.trim().parse().unwrap();
+    let ca = std::fs::read_to_string(dir.join("tls/ca.pem")).unwrap();
+    let rogue_dir = dir.join("clients/device-0");
+    let rogue = tls::read_pem_pair(&rogue_dir.join("client.pem"), &rogue_dir.join("client.key")).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (reset, closed) = runtime.block_on(bad_split_streams(address, &ca, &rogue));
+    assert!(
+        reset,
+        "a split stream for a task the client does not hold is reset"
+    );
+    if let Some(code) = closed {
+        assert_eq!(code, u64::from(ErrorCode::Malformed.close_code()));
+    }
+    let log = tail(&server.log);
+    assert!(log.contains("split stream refused"), "{log}");
+    assert!(log.contains("closing a connection for its split stream"), "{log}");
+    let _ = server.child.kill();
 }
