@@ -110,6 +110,15 @@ pub fn run(
     data: &TrainTest,
     progress: &mut dyn CentralProgress,
 ) -> Result<CentralSummary> {
+    train(config, data, progress).map(|(summary, _)| summary)
+}
+
+/// [`run`], also returning the trained weights.
+pub fn train(
+    config: &CentralConfig,
+    data: &TrainTest,
+    progress: &mut dyn CentralProgress,
+) -> Result<(CentralSummary, Vec<f32>)> {
     anyhow::ensure!(config.epochs > 0, "--epochs must be at least 1");
     anyhow::ensure!(config.batch_size > 0, "--batch-size must be at least 1");
     let model = zoo::build(&config.model, data.train.sample_shape(), data.train.num_classes()).with_context(
@@ -173,7 +182,7 @@ pub fn run(
         progress.epoch_finished(&record);
         per_epoch.push(record);
     }
-    Ok(CentralSummary {
+    let summary = CentralSummary {
         dataset: data.train.name().trim_end_matches("-train").to_string(),
         config: config.clone(),
         num_params: model.num_params(),
@@ -186,7 +195,8 @@ pub fn run(
         train_time_s: train_time,
         wall_time_s: start.elapsed().as_secs_f64(),
         per_epoch,
-    })
+    };
+    Ok((summary, params.into_vec()))
 }
 
 /// Writes `summary.json`, `epochs.jsonl` and `epochs.csv` into `dir` (created if needed).

@@ -4,11 +4,12 @@
 //! drives the sans-IO Coordinator on a virtual clock, [`training`] holds what the devices compute
 //! (real training, or sizes only) and [`split`] what split-learning devices and the server compute, [`experiment`] reads experiment files and runs them, and
 //! [`report`] writes metrics, summaries, plots and comparisons. Beside it: the centralised baseline
-//! ([`central`]) and the benchmarks ([`bench`], [`fold_bench`], [`codec_bench`]).
+//! ([`central`]), BottleFit's two-stage bottleneck recipe for split computing ([`distill`]), and the benchmarks ([`bench`], [`fold_bench`], [`codec_bench`]).
 
 pub mod bench;
 pub mod central;
 pub mod codec_bench;
+pub mod distill;
 pub mod engine;
 pub mod experiment;
 pub mod fleet;

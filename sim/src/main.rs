@@ -48,6 +48,10 @@ enum Command {
     Fleet(FleetArgs),
     /// Train a model centrally on the whole training set and report test accuracy per epoch.
     Central(CentralArgs),
+    /// Split computing, BottleFit's way: train the model centrally, inject a bottleneck at a cut,
+    /// distil it against the trained model, fine-tune the server side with the device side frozen,
+    /// and report split-inference accuracy and bytes per sample.
+    Distill(DistillArgs),
     /// Benchmarks that print ratios against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchSuite),
@@ -196,6 +200,48 @@ struct CentralArgs {
     synthetic_clients: usize,
     /// Directory for summary.json, epochs.jsonl and epochs.csv.
     #[arg(long, value_name = "DIR", default_value = "runs/central")]
+    out: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Args)]
+struct DistillArgs {
+    /// Model from the zoo.
+    #[arg(long, default_value = "cnn", value_parser = clap::builder::PossibleValuesParser::new(MODEL_NAMES))]
+    model: String,
+    /// Layer after which the model is cut (cnn: pool1 is after its first conv block).
+    #[arg(long, default_value = "pool1")]
+    cut: String,
+    /// Channels of the bottleneck at the cut.
+    #[arg(long, default_value_t = 4)]
+    channels: usize,
+    /// Epochs of the teacher's central training.
+    #[arg(long, default_value_t = 1)]
+    teacher_epochs: usize,
+    /// Minibatches of stage 1 (the bottleneck learns to reproduce the teacher's cut tensor).
+    #[arg(long, default_value_t = 1000)]
+    distill_steps: usize,
+    /// Minibatches of stage 2 (decoder and tail fine-tuned, device side frozen).
+    #[arg(long, default_value_t = 1000)]
+    finetune_steps: usize,
+    /// Minibatch size of every phase.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Learning rate of the teacher and of stage 2 (SGD, momentum 0.9).
+    #[arg(long, default_value_t = 0.01)]
+    lr: f32,
+    /// Learning rate of stage 1.
+    #[arg(long, default_value_t = 0.05)]
+    distill_lr: f32,
+    /// Codec of the bottleneck at inference.
+    #[arg(long, default_value = "int8 | zstd(1)")]
+    activations: shoal_compression::cut::CutCodec,
+    /// Seed of initialisation and minibatch order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Directory for summary.json.
+    #[arg(long, value_name = "DIR", default_value = "runs/distill")]
     out: PathBuf,
     #[command(flatten)]
     data: DataArgs,
@@ -548,6 +594,69 @@ fn codecs_cmd(args: CodecsArgs) -> Result<()> {
     Ok(())
 }
 
+fn distill_cmd(args: DistillArgs) -> Result<()> {
+    let data = DatasetName::Mnist
+        .load(args.data.data_dir.as_deref(), &SyntheticConfig::default())
+        .context("loading MNIST")?;
+    let sgd = |lr| SgdConfig {
+        lr,
+        momentum: 0.9,
+        weight_decay: 0.0,
+    };
+    let config = shoal_sim::distill::DistillConfig {
+        teacher: CentralConfig {
+            model: args.model,
+            epochs: args.teacher_epochs,
+            batch_size: args.batch_size,
+            sgd: sgd(args.lr),
+            cosine_lr: true,
+            seed: args.seed,
+            max_train_samples: None,
+            eval_batch_size: 256,
+        },
+        cut: args.cut,
+        bottleneck: shoal_model::split::BottleneckSpec {
+            channels: args.channels,
+            decoder_relu: true,
+        },
+        stages: shoal_split::distill::TwoStageConfig {
+            distill_steps: args.distill_steps,
+            finetune_steps: args.finetune_steps,
+            batch_size: args.batch_size,
+            distill_sgd: sgd(args.distill_lr),
+            finetune_sgd: sgd(args.lr),
+            seed: args.seed,
+        },
+        activations: args.activations,
+    };
+    let mut progress = BarProgress {
+        bar: None,
+        epochs: config.teacher.epochs,
+    };
+    let s = shoal_sim::distill::run(&config, &data, &mut progress)?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    write_json(&args.out.join("summary.json"), &s)?;
+    println!(
+        "teacher {:.4}; bottleneck as injected {:.4}, after two stages {:.4} (split inference, {})",
+        s.teacher.final_accuracy, s.injected.accuracy, s.distilled.accuracy, s.config.activations
+    );
+    println!(
+        "bytes per sample: raw input {:.0}, cut {:.0} (f32) / {:.1} (encoded), bottleneck {:.1}; \
+         stage 1 MSE {:.4} → {:.4}, stage 2 loss {:.4} → {:.4} ({:.1} s); wrote {}",
+        s.raw_input_bytes_per_sample,
+        s.cut_f32_bytes_per_sample,
+        s.cut_encoded_bytes_per_sample,
+        s.distilled.bytes_per_sample,
+        s.stages.distill_mse_start,
+        s.stages.distill_mse_end,
+        s.stages.finetune_loss_start,
+        s.stages.finetune_loss_end,
+        s.distill_time_s,
+        args.out.join("summary.json").display()
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -561,6 +670,7 @@ fn main() -> Result<()> {
         Command::Compare(args) => compare_cmd(args),
         Command::Fleet(args) => fleet_cmd(args),
         Command::Central(args) => central_cmd(args),
+        Command::Distill(args) => distill_cmd(args),
         Command::Bench(BenchSuite::Training(args)) => bench_cmd(args),
         Command::Bench(BenchSuite::Fold(args)) => fold_cmd(args),
         Command::Bench(BenchSuite::Codecs(args)) => codecs_cmd(args),

@@ -16,9 +16,13 @@
 //!   turn. Heads are federated-averaged with the aggregation monoid.
 //! - [`task`]: the batch order of a device and one task run in process (head and tail side by
 //!   side, every message through the real codec) — what the simulator computes.
+//! - [`distill`]: BottleFit's two-stage training of a bottleneck injected into a trained model
+//!   (distil the pair against the teacher's cut tensor, then fine-tune the server side with the
+//!   device side frozen).
 //! - [`inference`]: split inference: accuracy, bytes per sample and the compute of each side.
 
 pub mod config;
+pub mod distill;
 mod error;
 pub mod head;
 pub mod inference;

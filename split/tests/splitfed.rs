@@ -395,3 +395,88 @@ fn bad_forward_messages_are_refused_and_change_nothing() {
     let mut head = HeadRunner::new(split, server.head().to_vec(), config.sgd(0.1), codec, 4);
     assert!(head.backward(&[1, 2, 3]).is_err());
 }
+
+#[test]
+fn two_stage_training_distils_the_bottleneck_then_fine_tunes_the_server_side() {
+    use shoal_split::distill::{TwoStageConfig, two_stage};
+    let data = images(256, 12, 21);
+    let model = zoo::build("cnn", &[12, 12, 1], 10).unwrap();
+    // The teacher: the whole model trained for a few epochs.
+    let mut teacher = model.init_params(3).into_vec();
+    let sgd = SgdConfig {
+        lr: 0.02,
+        momentum: 0.9,
+        weight_decay: 0.0,
+    };
+    let mut opt = Sgd::new(sgd, model.layout());
+    let indices: Vec<usize> = (0..data.len()).collect();
+    let mut rng = StdRng::seed_from_u64(1);
+    for _ in 0..4 {
+        train_epoch(
+            &model,
+            &mut teacher,
+            &data,
+            &indices,
+            16,
+            &mut opt,
+            &mut rng,
+            |_| {},
+        )
+        .unwrap();
+    }
+    let teacher_eval = evaluate(&model, &teacher, &data, 64).unwrap();
+    assert!(teacher_eval.accuracy > 0.9, "{teacher_eval:?}");
+
+    let spec = BottleneckSpec {
+        channels: 3,
+        decoder_relu: true,
+    };
+    let split = Arc::new(model.split("pool1", Some(&spec)).unwrap());
+    let whole = shoal_core::Params::from_vec(model.layout().clone(), teacher.clone()).unwrap();
+    let (raw_head, raw_tail) = split.params_from_whole(&whole, 5);
+    let untrained = inference::evaluate(
+        &split,
+        raw_head.as_slice(),
+        raw_tail.as_slice(),
+        &"int8".parse().unwrap(),
+        &data,
+        64,
+    )
+    .unwrap();
+    let config = TwoStageConfig {
+        distill_steps: 150,
+        finetune_steps: 80,
+        batch_size: 16,
+        distill_sgd: SgdConfig {
+            lr: 0.05,
+            momentum: 0.9,
+            weight_decay: 0.0,
+        },
+        finetune_sgd: sgd,
+        seed: 5,
+    };
+    let (head, tail, report) = two_stage(&model, &teacher, &split, &data, &indices, &config).unwrap();
+    assert!(
+        report.distill_mse_end < 0.7 * report.distill_mse_start,
+        "{report:?}"
+    );
+    assert!(
+        report.finetune_loss_end < report.finetune_loss_start,
+        "{report:?}"
+    );
+    // The teacher's own head layers are never trained.
+    let head_params = shoal_core::Params::from_vec(split.head.layout().clone(), head.clone()).unwrap();
+    assert_eq!(
+        head_params.segment("conv1.weight").unwrap(),
+        whole.segment("conv1.weight").unwrap()
+    );
+    let after = inference::evaluate(&split, &head, &tail, &"int8".parse().unwrap(), &data, 64).unwrap();
+    assert!(
+        after.accuracy > untrained.accuracy + 0.2,
+        "{untrained:?} → {after:?}"
+    );
+    assert!(
+        after.accuracy > teacher_eval.accuracy - 0.1,
+        "{after:?} vs the teacher's {teacher_eval:?}"
+    );
+}
