@@ -13,7 +13,7 @@
 
 use crate::activation::{AffineParams, QuantizedTensor, dequantize, quantize};
 use crate::error::{CodecError, DecodeError};
-use crate::payload::{open, seal};
+use crate::payload::{open, open_body, seal};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -259,17 +259,7 @@ pub fn decode_cut(bytes: &[u8], limits: &CutLimits) -> Result<CutTensor, DecodeE
     if header.body_len != count * width {
         return Err(DecodeError::corrupt("body length does not fit the shape"));
     }
-    let decompressed;
-    let body: &[u8] = if header.zstd {
-        decompressed = zstd::bulk::decompress(body, header.body_len as usize)
-            .map_err(|e| DecodeError::corrupt(format!("zstd: {e}")))?;
-        &decompressed
-    } else {
-        body
-    };
-    if body.len() as u64 != header.body_len {
-        return Err(DecodeError::corrupt("body length differs from the header"));
-    }
+    let body = open_body(body, header.zstd, header.body_len)?;
     let values = match header.precision {
         CutPrecision::F32 => {
             if !header.groups.is_empty() {
@@ -300,7 +290,7 @@ pub fn decode_cut(bytes: &[u8], limits: &CutLimits) -> Result<CutTensor, DecodeE
             }
             dequantize(&QuantizedTensor {
                 params: header.groups,
-                levels: body.to_vec(),
+                levels: body.into_owned(),
             })
         }
     };

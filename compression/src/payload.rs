@@ -125,6 +125,27 @@ pub(crate) fn seal(magic: [u8; 4], header: &impl Serialize, body: &[u8]) -> Resu
     Ok(out)
 }
 
+/// The body of a frame: decompressed when `zstd`, and exactly `len` bytes long (the caller has
+/// checked `len` against its limits).
+pub(crate) fn open_body(
+    body: &[u8],
+    zstd: bool,
+    len: u64,
+) -> Result<std::borrow::Cow<'_, [u8]>, DecodeError> {
+    let body = if zstd {
+        std::borrow::Cow::Owned(
+            zstd::bulk::decompress(body, len as usize)
+                .map_err(|e| DecodeError::corrupt(format!("zstd: {e}")))?,
+        )
+    } else {
+        std::borrow::Cow::Borrowed(body)
+    };
+    if body.len() as u64 != len {
+        return Err(DecodeError::corrupt("body length differs from the header"));
+    }
+    Ok(body)
+}
+
 /// Checks a frame written by [`seal`] (size limit, magic, version, checksum) and returns its parsed
 /// header and its body.
 pub(crate) fn open<H: serde::de::DeserializeOwned>(
@@ -211,17 +232,8 @@ pub fn decode_into(
     if declared != header.body_len {
         return Err(DecodeError::corrupt("layer sizes do not add up to the body"));
     }
-    let decompressed;
-    let body: &[u8] = if header.zstd {
-        decompressed = zstd::bulk::decompress(body, header.body_len as usize)
-            .map_err(|e| DecodeError::corrupt(format!("zstd: {e}")))?;
-        &decompressed
-    } else {
-        body
-    };
-    if body.len() as u64 != header.body_len {
-        return Err(DecodeError::corrupt("body length differs from the header"));
-    }
+    let body = open_body(body, header.zstd, header.body_len)?;
+    let body: &[u8] = &body;
     let mut offset = 0usize;
     for (tensor, segment) in header.tensors.iter().zip(layout.segments()) {
         let end = offset + tensor.body_len as usize;

@@ -230,16 +230,7 @@ impl ServerConfig {
         }
         self.algorithm.build(self.seed).context("[algorithm]")?;
         if let Some(split) = &self.split {
-            use shoal_aggregators::{RuleConfig, SchedulerConfig};
-            ensure!(
-                matches!(self.algorithm.rule, RuleConfig::FedAvg { server_lr } if server_lr == 1.0),
-                "split runs average heads (and V1 tails) as SplitFed does: [algorithm.rule] must be \
-                 `fedavg` with server_lr = 1"
-            );
-            ensure!(
-                matches!(self.algorithm.scheduler, SchedulerConfig::Sync(_)),
-                "split runs train in synchronous rounds: [algorithm.scheduler] must be `sync`"
-            );
+            split.check_algorithm(&self.algorithm)?;
             let (shape, classes) = self.data.dataset.shape(&self.data.synthetic);
             let model = self.model.build(&shape, classes).context("[model]")?;
             split.cut_model(&model).context("[split]")?;

@@ -43,12 +43,12 @@ fn folded_tasks(dir: &Path) -> (Vec<ModelVersion>, BTreeMap<u64, Vec<u64>>) {
     (versions, tasks)
 }
 
-#[test]
-fn the_local_federation_example_trains_mnist_over_mutual_tls() {
+/// Runs examples/local-federation.sh with `args` into a fresh folder; its summary.json.
+fn local_federation(args: &[&str]) -> (serde_json::Value, tempfile::TempDir) {
     let out = tempfile::tempdir().unwrap();
     let status = Command::new("bash")
         .arg(repo_root().join("examples/local-federation.sh"))
-        .args(["--clients", "5", "--rounds", "3", "--timeout", "300"])
+        .args(args)
         .arg("--out")
         .arg(out.path())
         .arg("--data-dir")
@@ -63,8 +63,14 @@ fn the_local_federation_example_trains_mnist_over_mutual_tls() {
         String::from_utf8_lossy(&status.stderr),
         tail(&out.path().join("logs/server.log"))
     );
-    let summary: serde_json::Value =
+    let summary =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).unwrap()).unwrap();
+    (summary, out)
+}
+
+#[test]
+fn the_local_federation_example_trains_mnist_over_mutual_tls() {
+    let (summary, out) = local_federation(&["--clients", "5", "--rounds", "3", "--timeout", "300"]);
     for key in [
         "rounds",
         "initial_accuracy",
@@ -100,36 +106,21 @@ fn the_local_federation_example_trains_mnist_over_mutual_tls() {
     }
 }
 
-/// Runs the example in split mode with `pipeline` minibatches in flight; its summary.
-fn split_federation(pipeline: u32) -> (serde_json::Value, tempfile::TempDir) {
-    let out = tempfile::tempdir().unwrap();
-    let status = Command::new("bash")
-        .arg(repo_root().join("examples/local-federation.sh"))
-        .args(["--split", "--clients", "3", "--rounds", "2", "--timeout", "400"])
-        .args(["--pipeline", &pipeline.to_string()])
-        .arg("--out")
-        .arg(out.path())
-        .arg("--data-dir")
-        .arg(data_root())
-        .arg("--bin-dir")
-        .arg(bin_dir())
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "the split example failed:\n{}\n{}",
-        String::from_utf8_lossy(&status.stderr),
-        tail(&out.path().join("logs/server.log"))
-    );
-    let summary =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).unwrap()).unwrap();
-    (summary, out)
-}
-
 #[test]
 fn split_clients_train_the_head_while_the_server_trains_the_tail_over_quic() {
     for pipeline in [1, 4] {
-        let (summary, out) = split_federation(pipeline);
+        let pipeline_arg = pipeline.to_string();
+        let (summary, out) = local_federation(&[
+            "--split",
+            "--clients",
+            "3",
+            "--rounds",
+            "2",
+            "--timeout",
+            "400",
+            "--pipeline",
+            &pipeline_arg,
+        ]);
         assert_eq!(summary["rounds"], 2, "{summary}");
         assert_eq!(summary["pipeline"], pipeline);
         let initial = summary["initial_accuracy"].as_f64().unwrap();

@@ -239,16 +239,7 @@ impl ExperimentConfig {
         self.algorithm.build(self.seed).context("[algorithm]")?;
         match (&self.split, self.mode) {
             (Some(split), Mode::Split) => {
-                use shoal_aggregators::{RuleConfig, SchedulerConfig};
-                ensure!(
-                    matches!(self.algorithm.rule, RuleConfig::FedAvg { server_lr } if server_lr == 1.0),
-                    "split runs average heads (and V1 tails) as SplitFed does: [algorithm.rule] must be \
-                     `fedavg` with server_lr = 1"
-                );
-                ensure!(
-                    matches!(self.algorithm.scheduler, SchedulerConfig::Sync(_)),
-                    "split runs train in synchronous rounds: [algorithm.scheduler] must be `sync`"
-                );
+                split.check_algorithm(&self.algorithm)?;
                 ensure!(
                     self.server.gflops.is_finite() && self.server.gflops > 0.0 && self.server.lanes >= 1,
                     "[server] needs gflops > 0 and lanes ≥ 1"

@@ -3,7 +3,9 @@
 
 mod common;
 
-use shoal_sim::experiment::{ExperimentConfig, MetricRecord, Mode, Quiet, run};
+use common::without_wall_clock;
+
+use shoal_sim::experiment::{ExperimentConfig, Mode, Quiet, run};
 use shoal_sim::report;
 use std::path::{Path, PathBuf};
 
@@ -46,16 +48,6 @@ fn small(seed: u64) -> ExperimentConfig {
         "#
     );
     toml::from_str(&text).expect("the test experiment parses")
-}
-
-fn without_wall_clock(records: &[MetricRecord]) -> Vec<MetricRecord> {
-    records
-        .iter()
-        .map(|r| MetricRecord {
-            wall_s: 0.0,
-            ..r.clone()
-        })
-        .collect()
 }
 
 #[test]

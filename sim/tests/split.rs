@@ -2,7 +2,10 @@
 //! the cut and what the device runs, repeat exactly under the same seed, and bad split
 //! experiments are refused with the reason.
 
-use shoal_sim::experiment::{ExperimentConfig, MetricRecord, Quiet, run};
+mod common;
+
+use common::without_wall_clock;
+use shoal_sim::experiment::{ExperimentConfig, Quiet, run};
 
 fn split_experiment(variant: &str, extra: &str) -> String {
     format!(
@@ -46,16 +49,6 @@ fn split_experiment(variant: &str, extra: &str) -> String {
 fn parse(text: &str) -> ExperimentConfig {
     let config: ExperimentConfig = toml::from_str(text).expect("the test experiment parses");
     config
-}
-
-fn without_wall_clock(records: &[MetricRecord]) -> Vec<MetricRecord> {
-    records
-        .iter()
-        .map(|r| MetricRecord {
-            wall_s: 0.0,
-            ..r.clone()
-        })
-        .collect()
 }
 
 #[test]

@@ -14,6 +14,7 @@
 
 use crate::error::SplitError;
 use serde::{Deserialize, Serialize};
+use shoal_aggregators::{AlgorithmConfig, RuleConfig, SchedulerConfig};
 use shoal_compression::cut::CutCodec;
 use shoal_model::Model;
 use shoal_model::split::{BottleneckSpec, SplitModel};
@@ -94,6 +95,24 @@ impl SplitConfig {
                 "weight_decay must be non-negative, got {}",
                 self.weight_decay
             )));
+        }
+        Ok(())
+    }
+
+    /// Checks that `[algorithm]` can drive split training: heads (and V1 tails) are averaged as
+    /// SplitFed does — FedAvg at server learning rate 1 — in synchronous rounds.
+    pub fn check_algorithm(&self, algorithm: &AlgorithmConfig) -> Result<(), SplitError> {
+        if !matches!(algorithm.rule, RuleConfig::FedAvg { server_lr } if server_lr == 1.0) {
+            return Err(SplitError::Config(
+                "split runs average heads (and V1 tails) as SplitFed does: [algorithm.rule] must be \
+                 `fedavg` with server_lr = 1"
+                    .into(),
+            ));
+        }
+        if !matches!(algorithm.scheduler, SchedulerConfig::Sync(_)) {
+            return Err(SplitError::Config(
+                "split runs train in synchronous rounds: [algorithm.scheduler] must be `sync`".into(),
+            ));
         }
         Ok(())
     }
