@@ -40,13 +40,9 @@ pub async fn train(
     let role = trainer.split().context("this run is not split")?;
     let seed = trainer.task_seed(spec.task);
     let batch_size = trainer.batch_size();
-    let mut runner = HeadRunner::new(
-        role.model.clone(),
-        head.to_vec(),
-        role.config.sgd(spec.lr),
-        role.config.activations,
-        batch_size,
-    );
+    let mut runner = role
+        .config
+        .head_runner(role.model.clone(), head.to_vec(), spec.lr, batch_size);
     let data = trainer.data();
     let mut order = BatchOrder::new(data.indices.clone(), batch_size, seed);
     let (mut send, recv) = conn.open_bi().await.context("opening the split stream")?;

@@ -117,11 +117,10 @@ impl SplitRun {
         }
         let tail_len = model.tail.num_params();
         let shared = (config.variant == SplitVariant::V2).then(|| {
-            Arc::new(tokio::sync::Mutex::new(TailSession::new(
+            Arc::new(tokio::sync::Mutex::new(config.tail_session(
                 model.clone(),
                 vec![0.0; tail_len],
-                config.sgd(lr),
-                config.gradients,
+                lr,
                 max_batch,
             )))
         });
@@ -224,13 +223,8 @@ impl SplitRun {
     }
 
     fn fresh_session(&self, tail: Vec<f32>) -> TailSession {
-        TailSession::new(
-            self.model.clone(),
-            tail,
-            self.config.sgd(self.lr),
-            self.config.gradients,
-            self.max_batch,
-        )
+        self.config
+            .tail_session(self.model.clone(), tail, self.lr, self.max_batch)
     }
 
     /// A task of `local_steps` minibatches was given to `client`: prepare its tail.

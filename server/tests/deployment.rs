@@ -228,6 +228,54 @@ fn a_server_killed_mid_aggregation_resumes_and_aggregates_each_acknowledged_upda
     assert!(restored.contains("restored the run from its log"), "{restored}");
 }
 
+/// Connects as `identity` and says Hello (able to run split heads); the endpoint, the
+/// connection, and the control stream's two halves.
+async fn connect_by_hand(
+    address: SocketAddr,
+    ca: &str,
+    identity: &PemPair,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    MessageReader,
+) {
+    let endpoint = client_endpoint(ca, Some(identity), Timeouts::default(), address).unwrap();
+    let conn = endpoint.connect(address, "localhost").unwrap().await.unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    write_message(
+        &mut send,
+        &ClientMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            name: "ignored".into(),
+            capabilities: Capabilities {
+                codecs: vec!["any".into()],
+                split: true,
+            },
+            profile: DeclaredProfile {
+                num_samples: 100,
+                step_time_s: None,
+                up_mbit_s: None,
+                down_mbit_s: None,
+            },
+            holding: None,
+        },
+    )
+    .await
+    .unwrap();
+    (endpoint, conn, send, MessageReader::new(recv, 1 << 20))
+}
+
+/// The code the server closed `conn` with. Under load the close frame may lose the race with the
+/// server forgetting the connection; the end is then a stateless reset (`None`).
+async fn close_code(conn: &quinn::Connection) -> Option<u64> {
+    match conn.closed().await {
+        quinn::ConnectionError::ApplicationClosed(close) => Some(close.error_code.into_inner()),
+        quinn::ConnectionError::Reset => None,
+        other => panic!("expected the server to close the connection, got {other}"),
+    }
+}
+
 enum Misbehaviour {
     Corrupted,
     Truncated,
@@ -242,27 +290,7 @@ async fn bad_upload(
     identity: &PemPair,
     how: Misbehaviour,
 ) -> (ErrorCode, Option<u64>) {
-    let endpoint = client_endpoint(ca, Some(identity), Timeouts::default(), address).unwrap();
-    let conn = endpoint.connect(address, "localhost").unwrap().await.unwrap();
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    write_message(
-        &mut send,
-        &ClientMessage::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            name: "ignored".into(),
-            capabilities: Capabilities::default(),
-            profile: DeclaredProfile {
-                num_samples: 100,
-                step_time_s: None,
-                up_mbit_s: None,
-                down_mbit_s: None,
-            },
-            holding: None,
-        },
-    )
-    .await
-    .unwrap();
-    let mut reader = MessageReader::new(recv, 1 << 20);
+    let (endpoint, conn, mut send, mut reader) = connect_by_hand(address, ca, identity).await;
     let mut client = None;
     let (task, version) = loop {
         match reader.next_message::<ServerMessage>().await.unwrap().unwrap() {
@@ -306,13 +334,7 @@ async fn bad_upload(
             other => panic!("expected an error, got {other:?}"),
         }
     };
-    // The connection ends with the error's close code; under load the close frame may lose the
-    // race with the server forgetting the connection, and then the end is a stateless reset.
-    let closed = match conn.closed().await {
-        quinn::ConnectionError::ApplicationClosed(close) => Some(close.error_code.into_inner()),
-        quinn::ConnectionError::Reset => None,
-        other => panic!("expected the server to close the connection, got {other}"),
-    };
+    let closed = close_code(&conn).await;
     endpoint.close(0u32.into(), b"");
     (code, closed)
 }
@@ -427,30 +449,7 @@ fn bad_clients_are_refused_or_disconnected_and_the_rounds_complete_without_them(
 /// frame is not a cut message. Returns whether the first stream was reset and the code the
 /// connection was closed with (`None`: ended by a stateless reset).
 async fn bad_split_streams(address: SocketAddr, ca: &str, identity: &PemPair) -> (bool, Option<u64>) {
-    let endpoint = client_endpoint(ca, Some(identity), Timeouts::default(), address).unwrap();
-    let conn = endpoint.connect(address, "localhost").unwrap().await.unwrap();
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    write_message(
-        &mut send,
-        &ClientMessage::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            name: "ignored".into(),
-            capabilities: Capabilities {
-                codecs: vec!["any".into()],
-                split: true,
-            },
-            profile: DeclaredProfile {
-                num_samples: 100,
-                step_time_s: None,
-                up_mbit_s: None,
-                down_mbit_s: None,
-            },
-            holding: None,
-        },
-    )
-    .await
-    .unwrap();
-    let mut reader = MessageReader::new(recv, 1 << 20);
+    let (endpoint, conn, _send, mut reader) = connect_by_hand(address, ca, identity).await;
     let task = loop {
         match reader.next_message::<ServerMessage>().await.unwrap().unwrap() {
             ServerMessage::Welcome { run, .. } => assert!(run.split_json.is_some(), "a split run"),
@@ -479,11 +478,7 @@ async fn bad_split_streams(address: SocketAddr, ca: &str, identity: &PemPair) ->
         .await
         .unwrap();
     write_message(&mut split_send, &vec![0xABu8; 3000]).await.unwrap();
-    let closed = match conn.closed().await {
-        quinn::ConnectionError::ApplicationClosed(close) => Some(close.error_code.into_inner()),
-        quinn::ConnectionError::Reset => None,
-        other => panic!("expected the server to close the connection, got {other}"),
-    };
+    let closed = close_code(&conn).await;
     endpoint.close(0u32.into(), b"");
     (reset, closed)
 }

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use shoal_compression::cut::CutCodec;
 use shoal_core::Params;
-use shoal_model::data::TrainTest;
+use shoal_model::data::{DatasetName, TrainTest};
 use shoal_model::split::BottleneckSpec;
 use shoal_model::zoo;
 use shoal_split::distill::{TwoStageConfig, TwoStageReport, two_stage};
@@ -57,7 +57,8 @@ pub struct DistillSummary {
     pub distill_time_s: f64,
 }
 
-/// Trains the teacher, then the bottleneck in two stages, and measures split inference.
+/// Trains the teacher on MNIST (`data`), then the bottleneck in two stages, and measures split
+/// inference.
 pub fn run(
     config: &DistillConfig,
     data: &TrainTest,
@@ -100,11 +101,6 @@ pub fn run(
         &data.test,
         eval_batch,
     )?;
-    let raw_byte = if data.train.name().starts_with("mnist") {
-        1.0
-    } else {
-        4.0
-    };
     Ok(DistillSummary {
         config: config.clone(),
         teacher,
@@ -112,7 +108,7 @@ pub fn run(
         distilled,
         stages,
         profile: SplitProfile::of(&split),
-        raw_input_bytes_per_sample: raw_byte * model.input_shape().iter().product::<usize>() as f64,
+        raw_input_bytes_per_sample: crate::split::raw_input_bytes(DatasetName::Mnist, model.input_shape()),
         cut_f32_bytes_per_sample: 4.0 * plain.wire_shape().iter().product::<usize>() as f64,
         cut_encoded_bytes_per_sample: cut_encoded,
         distill_time_s,

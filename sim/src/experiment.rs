@@ -484,36 +484,30 @@ pub fn run(
                 &model,
                 engine,
                 |_: &Engine<SystemsWorkload>| Ok(None),
-                |_: &Engine<SystemsWorkload>| Ok(None),
+                |_: &Engine<SystemsWorkload>, _| Ok(None),
                 start,
                 progress,
             )
         }
         Mode::Training => {
-            let Loaded {
-                train,
-                test,
-                partition,
-                model,
-                fleet,
-                samples,
-            } = load(config, root.as_deref())?;
+            let loaded = load(config, root.as_deref())?;
+            let (model, test) = (loaded.model, loaded.test);
             let workload = TrainingWorkload::new(TrainingSetup {
                 model: model.clone(),
-                train,
-                partition,
+                train: loaded.train,
+                partition: loaded.partition,
                 batch_size: config.model.batch_size,
                 config: config.algorithm.clone(),
                 codec: config.codec.clone(),
                 seed: config.seed,
             })?;
-            let engine = Engine::new(coordinator, fleet, samples, workload, config.seed);
+            let engine = Engine::new(coordinator, loaded.fleet, loaded.samples, workload, config.seed);
             let batch_size = config.eval.batch_size;
             let evaluate = |engine: &Engine<TrainingWorkload>| {
                 let e = engine.workload().evaluate(&test, batch_size)?;
                 Ok(Some((e.accuracy, e.loss)))
             };
-            drive(config, &model, engine, evaluate, |_| Ok(None), start, progress)
+            drive(config, &model, engine, evaluate, |_, _| Ok(None), start, progress)
         }
         Mode::Split => run_split(config, root.as_deref(), coordinator, start, progress),
     }
@@ -581,18 +575,12 @@ fn run_split(
         .split
         .clone()
         .context("mode = \"split\" needs a [split] table")?;
-    let Loaded {
-        train,
-        test,
-        partition,
-        model,
-        fleet,
-        samples,
-    } = load(config, root)?;
+    let loaded = load(config, root)?;
+    let (model, test) = (loaded.model, loaded.test);
     let workload = SplitWorkload::new(SplitSetup {
         model: model.clone(),
-        train,
-        partition,
+        train: loaded.train,
+        partition: loaded.partition,
         batch_size: config.model.batch_size,
         lr: config.algorithm.local_lr,
         split: split_config.clone(),
@@ -600,22 +588,18 @@ fn run_split(
         server: config.server,
         seed: config.seed,
     })?;
-    let engine = Engine::new(coordinator, fleet, samples, workload, config.seed);
+    let engine = Engine::new(coordinator, loaded.fleet, loaded.samples, workload, config.seed);
     let batch_size = config.eval.batch_size;
     let evaluate = |engine: &Engine<SplitWorkload>| {
         let e = engine.workload().evaluate(&test, batch_size)?;
         Ok(Some((e.accuracy, e.loss)))
     };
-    let raw_byte = if config.data.dataset == DatasetName::Mnist {
-        1.0
-    } else {
-        4.0
-    };
-    let describe = |engine: &Engine<SplitWorkload>| -> Result<Option<SplitSummary>> {
+    // `accuracy`: the final version's, as the last record evaluated it.
+    let describe = |engine: &Engine<SplitWorkload>, accuracy: Option<f64>| -> Result<Option<SplitSummary>> {
         let w = engine.workload();
         let split = w.split_model();
         let (head, _) = w.params();
-        let final_eval = w.evaluate(&test, batch_size)?;
+        let sent = inference::forward_bytes(split, head, &split_config.activations, &test, batch_size)?;
         let traffic = w.traffic();
         let per = |bytes: u64| bytes as f64 / traffic.samples.max(1) as f64;
         // The same cut without the bottleneck: the trained head's layers up to the cut layer.
@@ -657,12 +641,15 @@ fn run_split(
             bytes_up_per_sample: per(traffic.forward_bytes),
             bytes_down_per_sample: per(traffic.gradient_bytes),
             traffic,
-            raw_input_bytes_per_sample: raw_byte * model.input_shape().iter().product::<usize>() as f64,
+            raw_input_bytes_per_sample: crate::split::raw_input_bytes(
+                config.data.dataset,
+                model.input_shape(),
+            ),
             cut_f32_bytes_per_sample: 4.0 * plain_values as f64,
             cut_encoded_bytes_per_sample: plain_bytes,
             inference: SplitInference {
-                accuracy: final_eval.accuracy,
-                bytes_per_sample: final_eval.bytes_per_sample,
+                accuracy: accuracy.unwrap_or(f64::NAN),
+                bytes_per_sample: sent,
                 request_bytes: request,
                 latency_s: crate::fleet::Quantiles::of(latency),
             },
@@ -686,7 +673,7 @@ fn drive<W: crate::engine::Workload>(
     model: &Model,
     mut engine: Engine<W>,
     evaluate: impl Fn(&Engine<W>) -> Result<Option<(f64, f64)>, SimError>,
-    describe_split: impl FnOnce(&Engine<W>) -> Result<Option<SplitSummary>>,
+    describe_split: impl FnOnce(&Engine<W>, Option<f64>) -> Result<Option<SplitSummary>>,
     start: Instant,
     progress: &mut dyn RunProgress,
 ) -> Result<RunOutput> {
@@ -772,7 +759,8 @@ fn drive<W: crate::engine::Workload>(
         progress.evaluated(&r);
         records.push(r);
     }
-    let split = describe_split(&engine).context("measuring the split model")?;
+    let final_accuracy = records.last().and_then(|r| r.accuracy);
+    let split = describe_split(&engine, final_accuracy).context("measuring the split model")?;
     let wall = start.elapsed().as_secs_f64();
     let stats = engine.stats();
     let first_hit = records.iter().find(|r| reached(r));

@@ -15,12 +15,10 @@ use serde::{Deserialize, Serialize};
 use shoal_compression::{CodecCompressor, CodecSpec, DecodeLimits};
 use shoal_core::{Params, TaskId};
 use shoal_model::Model;
-use shoal_model::data::Dataset;
+use shoal_model::data::{Dataset, DatasetName};
 use shoal_model::split::SplitModel;
 use shoal_split::inference::{self, SplitEvaluation, SplitProfile};
-use shoal_split::{
-    BatchOrder, HeadRunner, SplitConfig, SplitServer, SplitVariant, TailSession, TaskTrace, run_task,
-};
+use shoal_split::{BatchOrder, SplitConfig, SplitServer, SplitVariant, TailSession, TaskTrace, run_task};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -51,6 +49,12 @@ impl Default for ServerModel {
             lanes: default_server_lanes(),
         }
     }
+}
+
+/// Bytes of one raw input sample: 1 per pixel for MNIST images, 4 per f32 feature otherwise.
+pub fn raw_input_bytes(dataset: DatasetName, input_shape: &[usize]) -> f64 {
+    let per_value = if dataset == DatasetName::Mnist { 1.0 } else { 4.0 };
+    per_value * input_shape.iter().product::<usize>() as f64
 }
 
 struct Started {
@@ -224,13 +228,9 @@ impl Context {
         tail: Option<&mut TailSession>,
     ) -> Result<Computed, SimError> {
         let seed = task_seed(self.seed, task);
-        let mut head = HeadRunner::new(
-            self.split.clone(),
-            started.head,
-            self.config.sgd(self.lr),
-            self.config.activations,
-            self.batch_size,
-        );
+        let mut head = self
+            .config
+            .head_runner(self.split.clone(), started.head, self.lr, self.batch_size);
         let mut order = BatchOrder::new(self.partition[started.client].clone(), self.batch_size, seed);
         let mut own = started.session;
         let session = match (own.as_mut(), tail) {

@@ -13,12 +13,15 @@
 //! ```
 
 use crate::error::SplitError;
+use crate::head::HeadRunner;
+use crate::server::TailSession;
 use serde::{Deserialize, Serialize};
 use shoal_aggregators::{AlgorithmConfig, RuleConfig, SchedulerConfig};
 use shoal_compression::cut::CutCodec;
 use shoal_model::Model;
 use shoal_model::split::{BottleneckSpec, SplitModel};
 use shoal_model::train::SgdConfig;
+use std::sync::Arc;
 
 /// SplitFed's two ways of serving many clients (ALGORITHMS.md §8.3).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +124,30 @@ impl SplitConfig {
     pub fn cut_model(&self, whole: &Model) -> Result<SplitModel, SplitError> {
         self.validate()?;
         Ok(whole.split(&self.cut, self.bottleneck.as_ref())?)
+    }
+
+    /// The device side of a task: `model`'s head from `params`, training at `lr`, sending with
+    /// the activation codec, for minibatches of at most `max_batch`.
+    pub fn head_runner(
+        &self,
+        model: Arc<SplitModel>,
+        params: Vec<f32>,
+        lr: f32,
+        max_batch: usize,
+    ) -> HeadRunner {
+        HeadRunner::new(model, params, self.sgd(lr), self.activations, max_batch)
+    }
+
+    /// A server-side tail from `params`, training at `lr`, answering with the gradient codec, for
+    /// minibatches of at most `max_batch`.
+    pub fn tail_session(
+        &self,
+        model: Arc<SplitModel>,
+        params: Vec<f32>,
+        lr: f32,
+        max_batch: usize,
+    ) -> TailSession {
+        TailSession::new(model, params, self.sgd(lr), self.gradients, max_batch)
     }
 
     /// The optimiser of both sides at learning rate `lr`.

@@ -138,9 +138,8 @@ impl TailSession {
 /// SplitFed's main server (tails) and fed server (heads).
 pub struct SplitServer {
     model: Arc<SplitModel>,
-    variant: SplitVariant,
-    sgd: SgdConfig,
-    gradients: CutCodec,
+    config: SplitConfig,
+    lr: f32,
     max_batch: usize,
     head: Vec<f32>,
     tail: Vec<f32>,
@@ -170,16 +169,14 @@ impl SplitServer {
                 model.tail.num_params()
             )));
         }
-        let sgd = config.sgd(lr);
         let shared = (config.variant == SplitVariant::V2)
-            .then(|| TailSession::new(model.clone(), tail.clone(), sgd, config.gradients, max_batch));
+            .then(|| config.tail_session(model.clone(), tail.clone(), lr, max_batch));
         Ok(Self {
             head_sum: Accumulator::new(1, head.len()),
             tail_sum: Accumulator::new(1, tail.len()),
             model,
-            variant: config.variant,
-            sgd,
-            gradients: config.gradients,
+            config: config.clone(),
+            lr,
             max_batch,
             head,
             tail,
@@ -194,7 +191,7 @@ impl SplitServer {
 
     /// SplitFed V1 or V2.
     pub fn variant(&self) -> SplitVariant {
-        self.variant
+        self.config.variant
     }
 
     /// The global head: what a device downloads to start a task.
@@ -210,14 +207,9 @@ impl SplitServer {
     /// V1: a private tail for one task, copied from the global tail. `None` under V2, whose tasks
     /// use [`SplitServer::shared_session`].
     pub fn session(&self) -> Option<TailSession> {
-        (self.variant == SplitVariant::V1).then(|| {
-            TailSession::new(
-                self.model.clone(),
-                self.tail.clone(),
-                self.sgd,
-                self.gradients,
-                self.max_batch,
-            )
+        (self.config.variant == SplitVariant::V1).then(|| {
+            self.config
+                .tail_session(self.model.clone(), self.tail.clone(), self.lr, self.max_batch)
         })
     }
 
@@ -234,7 +226,7 @@ impl SplitServer {
         weight: f64,
     ) -> Result<(), SplitError> {
         self.head_sum.check(&[head_delta], weight)?;
-        let tail_delta = match (self.variant, tail) {
+        let tail_delta = match (self.config.variant, tail) {
             (SplitVariant::V1, Some(session)) => Some(session.delta()),
             (SplitVariant::V1, None) => {
                 return Err(SplitError::Config(

@@ -77,13 +77,7 @@ fn one_round(
         batch,
     )
     .unwrap();
-    let mut head = HeadRunner::new(
-        split.clone(),
-        server.head().to_vec(),
-        config.sgd(lr),
-        config.activations,
-        batch,
-    );
+    let mut head = config.head_runner(split.clone(), server.head().to_vec(), lr, batch);
     let mut order = BatchOrder::new((0..data.len()).collect(), batch, seed);
     let session = match config.variant {
         SplitVariant::V1 => {
@@ -225,13 +219,7 @@ fn identical_clients_average_to_one_clients_result() {
     )
     .unwrap();
     for weight in [3.0, 1.0] {
-        let mut head = HeadRunner::new(
-            split.clone(),
-            server.head().to_vec(),
-            config.sgd(lr),
-            config.activations,
-            batch,
-        );
+        let mut head = config.head_runner(split.clone(), server.head().to_vec(), lr, batch);
         let mut session = server.session().unwrap();
         let mut order = BatchOrder::new((0..data.len()).collect(), batch, 2);
         run_task(&mut head, &mut session, &data, &mut order, 5, 1).unwrap();
@@ -267,13 +255,7 @@ fn eight_bit_activations_stay_close_to_float_and_cost_a_quarter() {
             16,
         )
         .unwrap();
-        let mut head = HeadRunner::new(
-            split.clone(),
-            server.head().to_vec(),
-            config.sgd(0.05),
-            config.activations,
-            16,
-        );
+        let mut head = config.head_runner(split.clone(), server.head().to_vec(), 0.05, 16);
         let mut session = server.session().unwrap();
         let mut order = BatchOrder::new((0..data.len()).collect(), 16, 4);
         let trace = run_task(&mut head, &mut session, &data, &mut order, 4, 1).unwrap();
@@ -289,7 +271,7 @@ fn eight_bit_activations_stay_close_to_float_and_cost_a_quarter() {
 }
 
 #[test]
-fn pipelined_heads_train_and_one_batch_in_flight_is_sequential_sgd() {
+fn pipelined_heads_still_train() {
     let data = images(96, 12, 11);
     let model = zoo::build("cnn", &[12, 12, 1], 10).unwrap();
     let init = model.init_params(6);
