@@ -361,9 +361,10 @@ async fn refused(address: SocketAddr, ca: &str, identity: Option<&PemPair>) -> b
 fn bad_clients_are_refused_or_disconnected_and_the_rounds_complete_without_them() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
+    // The template's 30 s grace: on a loaded machine the rogue's next connection may take seconds,
+    // and it must still find its client registered (and a task waiting) when it comes back.
     init_run(dir, 3, |text| {
         text.replace("clients_per_round = 5", "clients_per_round = 3")
-            .replace("reconnect_grace_s = 30", "reconnect_grace_s = 5")
             .replace("every = 1", "every = 3")
     });
     let (mut server, address) = start_server(dir, 1);
