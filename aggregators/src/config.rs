@@ -25,6 +25,7 @@ use crate::rules::scallion::{AlphaPlacement, ScallionClient, ScallionServer};
 use crate::schedulers::sync::SyncConfig;
 use crate::schedulers::{SchedulerConfig, check_pairing};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use thiserror::Error;
 
 /// A configuration that cannot run, and why.
@@ -161,7 +162,7 @@ fn default_scafcom_beta() -> f32 {
 #[derive(Debug)]
 pub struct Algorithm {
     /// The server half.
-    pub server: Box<dyn ServerRule>,
+    pub server: Arc<dyn ServerRule>,
     /// The client half.
     pub client: Box<dyn ClientRule>,
 }
@@ -416,7 +417,10 @@ impl RuleConfig {
             }
             RuleConfig::FedCompass => (Box::new(FedCompassServer), Box::new(LocalSgdClient)),
         };
-        Ok(Algorithm { server, client })
+        Ok(Algorithm {
+            server: server.into(),
+            client,
+        })
     }
 }
 

@@ -10,6 +10,8 @@
 //!   synchronous rounds, FedBuff, FedAsync, FedFix, FedCompass.
 //! - [`coordinator`]: the sans-IO state machine both drivers run: events in, commands out; it owns
 //!   the version counter and the client records, and runs the configured scheduler.
+//! - [`hierarchy`]: planning leaf → middle → top aggregation trees (LIFL), their cost model, and
+//!   a virtual timeline of the server's aggregation work for the simulator.
 //! - [`config`]: the `[algorithm]` table (rule, scheduler, local work), shared by fl-sim and
 //!   fl-server.
 //! - [`problems`]: the federated least-squares problem of ALGORITHMS.md §10.2, a gradient oracle
@@ -20,6 +22,7 @@
 pub mod accumulator;
 pub mod config;
 pub mod coordinator;
+pub mod hierarchy;
 pub mod problems;
 pub mod rule;
 pub mod rules;

@@ -4,6 +4,7 @@
 //! no state.
 
 use crate::run::VersionMetrics;
+use crate::runtime::RuntimeStats;
 use std::sync::mpsc as std_mpsc;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -75,8 +76,37 @@ pub async fn connect(
         .with_context(|| format!("no fl-server admin API at {address} (is `fl-server run` running?)"))
 }
 
+/// The runtime's figures as the admin API sends them.
+pub fn runtime_status(r: &RuntimeStats) -> proto::RuntimeStatus {
+    let last = r.last.clone().unwrap_or_default();
+    let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    proto::RuntimeStatus {
+        invocations: r.invocations,
+        folds: r.folds,
+        merges: r.merges,
+        cold_starts: r.cold_starts,
+        warm_reuses: r.warm_reuses,
+        retired: r.retired,
+        cold_start_seconds: r.cold_start_s,
+        instances: n(r.instances),
+        idle: n(r.idle),
+        leaves: n(r.leaves),
+        middles: n(r.middles),
+        tops: n(r.tops),
+        queue_depth: n(r.queue_depth),
+        max_queue_depth: n(r.max_queue_depth),
+        fold_mean_s: r.fold_mean_s,
+        queue_wait_mean_s: r.queue_wait_mean_s,
+        aggregations: r.aggregations,
+        last_leaves: n(last.leaves),
+        last_middles: n(last.middles),
+        last_after_arrival_s: last.after_last_arrival_s,
+    }
+}
+
 fn to_proto(m: &VersionMetrics) -> proto::VersionMetrics {
     proto::VersionMetrics {
+        runtime: Some(runtime_status(&m.runtime)),
         version: m.version,
         time_s: m.time_s,
         updates: m.updates as u64,

@@ -2,6 +2,7 @@
 //! fl-sim experiment), when it stops, how the global model is evaluated, and how the daemon
 //! listens and stores its state. `fl-server init` writes a commented one.
 
+use crate::runtime::RuntimeConfig;
 use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
 use shoal_aggregators::AlgorithmConfig;
@@ -188,6 +189,9 @@ pub struct ServerConfig {
     /// Split learning: devices run the head, the server the tail (the same table as fl-sim's).
     #[serde(default)]
     pub split: Option<SplitConfig>,
+    /// The aggregation runtime: fold mode, pool limits, keep-alive (does not define the run).
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
 }
 
 impl ServerConfig {
@@ -229,6 +233,9 @@ impl ServerConfig {
             );
         }
         self.algorithm.build(self.seed).context("[algorithm]")?;
+        self.runtime
+            .check()
+            .map_err(|e| anyhow::anyhow!("[runtime] {e}"))?;
         if let Some(split) = &self.split {
             split.check_algorithm(&self.algorithm)?;
             let (shape, classes) = self.data.dataset.shape(&self.data.synthetic);
@@ -307,6 +314,15 @@ max_payload_bytes = 1073741824
 
 [storage]
 keep_versions = 20             # model versions whose files are kept (0: all)
+
+[runtime]                      # the aggregation runtime (serverless workers, leaf → middle → top)
+mode = "eager"                 # eager: fold each update as it arrives; lazy: all at the end
+max_leaves = 0                 # leaves folding at once (0: this machine's cores)
+memory_mb = 2048               # what the leaves' f64 accumulators may take
+fan_in = 32                    # updates one leaf is planned to fold
+leaves_per_middle = 4          # leaves one middle merges
+keep_alive_s = 60              # an idle worker stays warm this long, then retires
+scale_up_queue = 2             # a leaf joins when every leaf has this many updates waiting
 
 # Split learning (SplitFed): devices run the head of the model and send the activations at the
 # cut; this server runs the tail and returns the gradient. The rule must be fedavg (server_lr 1)

@@ -498,6 +498,7 @@ fn answer(
                 bytes_up: summary.bytes_up,
                 bytes_down: summary.bytes_down,
                 last_accuracy: run.last_accuracy(),
+                runtime: Some(crate::admin::runtime_status(&run.runtime_stats())),
                 target_rounds: run.config().stop.rounds,
             });
         }

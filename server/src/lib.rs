@@ -4,6 +4,8 @@
 //! - [`datadir`]: the data directory `fl-server init` creates (CA, certificates, configuration).
 //! - [`run`]: one run driven with real time — the Coordinator, the server rule, evaluation, and
 //!   restart by replaying the event log.
+//! - [`runtime`]: the serverless aggregation runtime — elastic pools of warm aggregation
+//!   instances folding eagerly in leaf → middle → top trees.
 //! - [`store`] and [`files`]: durable state (sled index and event log, atomic tensor files).
 //! - [`daemon`]: QUIC connections and the coordinator thread.
 //! - [`split`]: split learning — the head and tail as one global vector, and the tails that
@@ -18,5 +20,6 @@ pub mod daemon;
 pub mod datadir;
 pub mod files;
 pub mod run;
+pub mod runtime;
 pub mod split;
 pub mod store;

@@ -246,6 +246,7 @@ fn main() -> Result<()> {
                         "bytes_down": status.bytes_down,
                         "last_accuracy": status.last_accuracy,
                         "target_rounds": status.target_rounds,
+                        "runtime": status.runtime,
                         "clients": clients.iter().map(|c| serde_json::json!({
                             "id": c.id, "name": c.name, "connected": c.connected, "registered": c.registered,
                             "num_samples": c.num_samples, "task": c.task, "delivered": c.delivered,
@@ -272,6 +273,28 @@ fn main() -> Result<()> {
                 );
                 if let Some(a) = status.last_accuracy {
                     println!("held-out accuracy: {a:.4}");
+                }
+                if let Some(r) = &status.runtime {
+                    println!(
+                        "aggregation runtime: {} instances ({} leaves, {} middles, {} top, {} warm) · \
+                         {} invocations · {} cold starts ({:.3} s), {} warm reuses · queue {} (max {}) · \
+                         fold {:.2} ms · last tree {}×{} done {:.1} ms after its last update",
+                        r.instances,
+                        r.leaves,
+                        r.middles,
+                        r.tops,
+                        r.idle,
+                        r.invocations,
+                        r.cold_starts,
+                        r.cold_start_seconds,
+                        r.warm_reuses,
+                        r.queue_depth,
+                        r.max_queue_depth,
+                        r.fold_mean_s * 1e3,
+                        r.last_middles,
+                        r.last_leaves,
+                        r.last_after_arrival_s * 1e3,
+                    );
                 }
                 for c in clients {
                     let task = c.task.map_or("-".to_string(), |t| format!("task-{t}"));

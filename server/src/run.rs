@@ -8,13 +8,14 @@
 //! no committed version holds are folded again from their files; nothing is folded twice.
 
 use crate::config::ServerConfig;
+use crate::runtime::{Aggregation, Runtime, RuntimeStats, SharedUpload};
 use crate::split::SplitRun;
 use crate::store::{PendingUpdate, Store, StoreError};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use shoal_aggregators::{
-    Accumulator, Algorithm, ApplyContext, Broadcast, Command, Coordinator, CoordinatorError, Event,
-    ServerState, TaskRecord,
+    Algorithm, ApplyContext, Broadcast, Command, Coordinator, CoordinatorError, Event, ServerState,
+    TaskRecord,
 };
 use shoal_compression::DecodeLimits;
 use shoal_core::{ClientId, Layout, ModelVersion, TaskId, Timestamp, UpdateMeta};
@@ -151,6 +152,8 @@ pub struct VersionMetrics {
     pub bytes_down: u64,
     /// Updates folded since the start of the run.
     pub updates_folded: u64,
+    /// The aggregation runtime when the version was committed (this start).
+    pub runtime: RuntimeStats,
 }
 
 /// What `summary.json` holds when a run finishes.
@@ -175,6 +178,8 @@ pub struct RunSummary {
     /// Split runs: what crossed the cut during this start.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub split: Option<crate::split::SplitTraffic>,
+    /// The aggregation runtime over this start: invocations, cold starts, warm reuses, queues.
+    pub runtime: RuntimeStats,
     /// Process figures the daemon adds when it stops (this start only).
     #[serde(flatten)]
     pub process: Option<ProcessFigures>,
@@ -202,11 +207,15 @@ pub struct Run {
     algorithm: Algorithm,
     coordinator: Coordinator,
     state: ServerState,
-    accumulator: Accumulator,
+    /// The aggregation runtime, and the aggregation in progress (opened by its first fold).
+    runtime: Runtime,
+    aggregation: Option<Aggregation>,
+    /// Updates in the last aggregation (the next one's expected count).
+    last_updates: usize,
     broadcast: SharedBroadcast,
     store: Store,
     /// Decoded updates waiting for their fold or discard.
-    held: HashMap<TaskId, Vec<Vec<f32>>>,
+    held: HashMap<TaskId, SharedUpload>,
     /// Tasks folded into the aggregation in progress.
     folded: Vec<TaskId>,
     /// Every task whose update was acknowledged (resends are acknowledged again, never re-folded).
@@ -331,7 +340,9 @@ impl Run {
         let broadcast = SharedBroadcast::new(committed, &state.broadcast(), head);
         let finished = store.is_finished()?;
         let mut run = Self {
-            accumulator: algorithm.server.accumulator(dim),
+            runtime: Runtime::new(config.runtime.clone()).map_err(|e| anyhow::anyhow!("[runtime]: {e}"))?,
+            aggregation: None,
+            last_updates: 0,
             metrics_path: run_dir.join("metrics.jsonl"),
             summary_path: run_dir.join("summary.json"),
             config,
@@ -590,7 +601,7 @@ impl Run {
         tracing::info!(%task, client = %meta.client, bytes, "update stored");
         self.accepted.insert(task);
         self.bytes_up += bytes;
-        self.held.insert(task, parts);
+        self.held.insert(task, Arc::from(parts));
         let commands = self.coordinator.handle(now, Event::UpdateArrived(meta))?;
         Ok(Offer::Accepted(self.carry_out(commands, false)?))
     }
@@ -626,7 +637,7 @@ impl Run {
                 } => {
                     if version <= self.committed {
                         // Replaying an aggregation that is already committed: its folds were skipped.
-                        self.accumulator.reset();
+                        self.aggregation = None;
                         self.folded.clear();
                         continue;
                     }
@@ -653,27 +664,46 @@ impl Run {
         Ok(out)
     }
 
-    /// Folds the update of `task`: held in memory when it just arrived, read from its file when
-    /// replaying; absent from both when a committed version already holds it.
+    /// Folds the update of `task` on the aggregation runtime: held in memory when it just arrived,
+    /// read from its file when replaying; absent from both when a committed version already holds
+    /// it. The first fold of an aggregation opens it, planned for as many updates as the last one
+    /// had or as there are tasks running.
     fn fold(&mut self, task: TaskId, weight: f64) -> Result<()> {
         let parts = match self.held.remove(&task) {
             Some(parts) => parts,
             None => match self.store.pending_update(task)? {
                 Some(pending) => {
                     let bytes = self.store.read_update(&pending)?;
-                    decode_update(&bytes, &pending.part_bytes, &self.layout())
-                        .map_err(|e| anyhow::anyhow!("stored update {task}: {e}"))?
+                    let parts = decode_update(&bytes, &pending.part_bytes, &self.layout())
+                        .map_err(|e| anyhow::anyhow!("stored update {task}: {e}"))?;
+                    Arc::from(parts)
                 }
                 None => return Ok(()),
             },
         };
-        let views: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
-        self.algorithm
-            .server
-            .fold(&mut self.accumulator, &views, weight)
+        self.aggregation()?
+            .submit(task.0, parts, weight)
             .with_context(|| format!("folding {task}"))?;
         self.folded.push(task);
         Ok(())
+    }
+
+    /// The aggregation in progress, opened now if this is its first update.
+    fn aggregation(&mut self) -> Result<&mut Aggregation> {
+        if self.aggregation.is_none() {
+            let expected = self.last_updates.max(self.coordinator.running_tasks().count());
+            let opened = self.runtime.begin(
+                self.algorithm.server.clone(),
+                self.algorithm.server.upload_parts(),
+                self.layout().len(),
+                expected,
+            )?;
+            tracing::debug!(leaves = opened.leaves(), expected, "aggregation opened");
+            self.aggregation = Some(opened);
+        }
+        self.aggregation
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("the aggregation was just opened"))
     }
 
     fn aggregate(&mut self, version: ModelVersion, updates: usize, num_clients: usize) -> Result<()> {
@@ -684,11 +714,19 @@ impl Run {
                 .algorithm
                 .local_task(self.config.algorithm.local_steps),
         };
+        self.aggregation()?;
+        let merged = self
+            .aggregation
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no aggregation to finish"))?
+            .finish()
+            .with_context(|| format!("aggregating {version}"))?;
         self.algorithm
             .server
-            .apply(&mut self.state, &self.accumulator, &ctx)
+            .apply(&mut self.state, &merged, &ctx)
             .with_context(|| format!("applying {version}"))?;
-        self.accumulator.reset();
+        drop(merged);
+        self.last_updates = updates;
         if let Some(split) = &self.split {
             split.write_shared_tail(&mut self.state.x);
             split.adopt(&self.state.x, false);
@@ -705,6 +743,11 @@ impl Run {
         let head = self.split.as_ref().map(|s| s.head_dim());
         self.broadcast = SharedBroadcast::new(version, &self.state.broadcast(), head);
         self.record_version(version, updates)
+    }
+
+    /// The aggregation runtime's figures.
+    pub fn runtime_stats(&self) -> RuntimeStats {
+        self.runtime.stats()
     }
 
     fn due_for_eval(&self, version: ModelVersion) -> bool {
@@ -744,6 +787,7 @@ impl Run {
             bytes_up: self.bytes_up,
             bytes_down: self.bytes_down,
             updates_folded: self.updates_folded,
+            runtime: self.runtime.stats(),
         };
         tracing::info!(
             version = version.0,
@@ -801,6 +845,7 @@ impl Run {
                 self.coordinator.scheduler_name()
             ),
             split: self.split.as_ref().map(|s| s.traffic()),
+            runtime: self.runtime.stats(),
             process: None,
         }
     }
