@@ -11,9 +11,12 @@
 //! - [`split`]: split learning — the head and tail as one global vector, and the tails that
 //!   answer devices' split streams (SplitFed V1/V2).
 //! - [`admin`]: the gRPC admin API (status, clients, metrics stream, pause/resume, export).
+//! - [`aggregate_bench`]: the runtime's time from the last arrival to the new model, against a
+//!   single-threaded fold after all arrive and a memory copy.
 //! - [`bench`]: a loopback deployment measured from the server's side.
 
 pub mod admin;
+pub mod aggregate_bench;
 pub mod bench;
 pub mod config;
 pub mod daemon;

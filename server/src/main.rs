@@ -80,6 +80,32 @@ enum Command {
         #[arg(long, default_value = "runs/server-bench")]
         out: PathBuf,
     },
+    /// Measure the aggregation runtime: N updates arriving one fold-time apart, eager runtime vs
+    /// a single-threaded fold after the last arrival vs a memory copy of the same bytes; the time
+    /// from the last arrival to the new model.
+    BenchAggregate {
+        /// Parameters per update, comma-separated (K and M suffixes).
+        #[arg(long, default_value = "1M,10M")]
+        sizes: String,
+        /// Updates per aggregation.
+        #[arg(long, default_value_t = 100)]
+        updates: usize,
+        /// Distinct update buffers cycled through (memory: distinct × params × 4 bytes).
+        #[arg(long, default_value_t = 10)]
+        distinct: usize,
+        /// Measured repetitions (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Gap between arrivals, in single-thread fold times of one update.
+        #[arg(long, default_value_t = 1.0)]
+        spacing: f64,
+        /// Most leaves (0: this machine's cores).
+        #[arg(long, default_value_t = 0)]
+        max_leaves: usize,
+        /// Where bench-aggregate.json goes.
+        #[arg(long, default_value = "runs/aggregate-bench")]
+        out: PathBuf,
+    },
     /// Ask a running server (through its admin API) for its status and clients.
     Status {
         /// The data directory.
@@ -219,6 +245,73 @@ fn main() -> Result<()> {
                 mib(r.model_bytes)
             );
             std::fs::write(out.join("bench.json"), serde_json::to_string_pretty(&r)?)?;
+        }
+        Command::BenchAggregate {
+            sizes,
+            updates,
+            distinct,
+            reps,
+            spacing,
+            max_leaves,
+            out,
+        } => {
+            let options = shoal_server::aggregate_bench::AggregateBenchOptions {
+                sizes: shoal_server::aggregate_bench::parse_sizes(&sizes)?,
+                updates,
+                distinct,
+                reps,
+                spacing,
+                runtime: shoal_server::runtime::RuntimeConfig {
+                    max_leaves,
+                    memory_mb: 16 * 1024,
+                    ..Default::default()
+                },
+            };
+            let rows = shoal_server::aggregate_bench::run(&options, |m| eprintln!("{m}"))?;
+            println!(
+                "{:>10} {:>8} {:>10} {:>12} {:>12} {:>12} {:>8} {:>8} {:>8} {:>7}",
+                "params",
+                "updates",
+                "memcpy",
+                "1-thread",
+                "eager",
+                "eager-burst",
+                "speedup",
+                "1t/copy",
+                "eag/copy",
+                "leaves"
+            );
+            let ms = |s: f64| format!("{:.2} ms", s * 1e3);
+            for r in &rows {
+                println!(
+                    "{:>10} {:>8} {:>10} {:>12} {:>12} {:>12} {:>7.1}× {:>7.1}× {:>7.2}× {:>7}",
+                    r.params,
+                    r.updates,
+                    ms(r.memcpy_s),
+                    ms(r.single_thread_after_last_s),
+                    ms(r.eager_after_last_s),
+                    ms(r.eager_burst_after_last_s),
+                    r.speedup,
+                    r.single_thread_vs_memcpy,
+                    r.eager_vs_memcpy,
+                    format!("{}/{}", r.eager_leaves.0, r.eager_leaves.1),
+                );
+            }
+            for r in &rows {
+                println!(
+                    "{:>10} measured cost per value: fold {:.2} ns, merge {:.2} ns, allocation {:.2} ns \
+                     (fl-sim's [server.aggregation] takes these)",
+                    r.params, r.cost.fold_ns_per_value, r.cost.merge_ns_per_value, r.cost.alloc_ns_per_value
+                );
+            }
+            println!(
+                "(time from the last arrival to the new model; memcpy copies the same {} updates once)",
+                updates
+            );
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let path = out.join("bench-aggregate.json");
+            std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
+            eprintln!("wrote {}", path.display());
         }
         Command::Status { dir, json } => admin_call(async {
             let mut admin = shoal_server::admin::connect(&DataDir::new(&dir)).await?;
