@@ -233,8 +233,10 @@ pub struct AggregationTimeline {
     cost: CostModel,
     limits: PlanLimits,
     values: usize,
-    /// When each leaf is free (virtual seconds).
+    /// When each leaf is free (virtual seconds); leaves stay warm across aggregations.
     leaves: Vec<f64>,
+    /// Leaves that folded in the aggregation in progress.
+    touched: Vec<bool>,
     /// When each fold of the aggregation in progress ends.
     fold_ends: Vec<f64>,
     /// Figures since the start.
@@ -270,6 +272,7 @@ impl AggregationTimeline {
             limits,
             values,
             leaves: Vec::new(),
+            touched: Vec::new(),
             fold_ends: Vec::new(),
             stats: TimelineStats::default(),
         }
@@ -296,9 +299,11 @@ impl AggregationTimeline {
             Some((i, free)) if free <= at || self.leaves.len() >= cap => i,
             _ => {
                 self.leaves.push(at);
+                self.touched.push(false);
                 self.leaves.len() - 1
             }
         };
+        self.touched[leaf] = true;
         let start = self.leaves[leaf].max(at);
         let end = start + self.cost.fold_s(self.values);
         self.stats.queue_wait_s += start - at;
@@ -306,17 +311,20 @@ impl AggregationTimeline {
         self.stats.folds += 1;
         self.leaves[leaf] = end;
         self.fold_ends.push(end);
-        self.stats.max_leaves = self.stats.max_leaves.max(self.leaves.len());
+        let used = self.touched.iter().filter(|&&t| t).count();
+        self.stats.max_leaves = self.stats.max_leaves.max(used);
         end
     }
 
     /// The aggregation is called at `at`: returns when its new model is ready (every fold done, the
-    /// leaves merged through middles into the top). The leaves then start the next aggregation empty.
+    /// leaves that folded merged through middles into the top). Leaves are free for the next
+    /// aggregation once their own folds are done; the merges run on middles and the top.
     pub fn aggregate(&mut self, at: f64) -> f64 {
         let done = self.leaves.iter().copied().fold(at, f64::max);
-        let tree = TreePlan::balanced(self.leaves.len(), self.limits.leaves_per_middle);
+        let used = self.touched.iter().filter(|&&t| t).count();
+        let tree = TreePlan::balanced(used, self.limits.leaves_per_middle);
         let ready = done + merge_s(&tree, self.values, &self.cost);
-        self.leaves.clear();
+        self.touched.iter_mut().for_each(|t| *t = false);
         self.fold_ends.clear();
         self.stats.aggregations += 1;
         self.stats.aggregation_s += ready - at;

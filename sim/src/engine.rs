@@ -27,6 +27,7 @@ use crate::fleet::Fleet;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use rand_distr::{Distribution, LogNormal};
+use shoal_aggregators::hierarchy::{AggregationTimeline, TimelineStats};
 use shoal_aggregators::{Command, ConfigError, Coordinator, CoordinatorError, Event, RuleError};
 use shoal_compression::{CodecError, DecodeError};
 use shoal_core::{ClientId, CompressError, ModelVersion, TaskId, Timestamp, UpdateMeta, micros_from_secs};
@@ -161,7 +162,8 @@ pub struct EngineStats {
 pub struct Aggregated {
     /// The new version.
     pub version: ModelVersion,
-    /// When.
+    /// When it is ready: the aggregation's call, plus the server's aggregation work when
+    /// `[server.aggregation]` charges it.
     pub time: Timestamp,
     /// Updates folded into it.
     pub updates: usize,
@@ -252,6 +254,10 @@ pub struct Engine<W> {
     losses: HashMap<TaskId, f32>,
     split: Option<SplitServing>,
     split_server: SplitServer,
+    /// The server's aggregation work on the clock (`[server.aggregation]`), and when the version
+    /// it last produced is ready to send.
+    aggregation: Option<AggregationTimeline>,
+    model_ready: Timestamp,
 }
 
 impl<W: Workload> Engine<W> {
@@ -279,6 +285,8 @@ impl<W: Workload> Engine<W> {
             losses: HashMap::new(),
             split,
             split_server: SplitServer::default(),
+            aggregation: None,
+            model_ready: Timestamp::ZERO,
         };
         for i in 0..n {
             let availability = engine.fleet.devices[i].availability;
@@ -289,6 +297,18 @@ impl<W: Workload> Engine<W> {
             }
         }
         engine
+    }
+
+    /// Charges the server's aggregation on the clock: every fold on `timeline`'s leaves as it
+    /// arrives, every new version ready (and its tasks' downloads started) when its merges end.
+    pub fn charge_aggregation(mut self, timeline: AggregationTimeline) -> Self {
+        self.aggregation = Some(timeline);
+        self
+    }
+
+    /// The server's aggregation figures, when it is charged.
+    pub fn aggregation_stats(&self) -> Option<&TimelineStats> {
+        self.aggregation.as_ref().map(AggregationTimeline::stats)
     }
 
     /// A virtual time from seconds, strictly after now.
@@ -607,9 +627,11 @@ impl<W: Workload> Engine<W> {
                 } else {
                     1.0
                 };
+                // The model can leave the server only once its aggregation is done.
+                let sent = self.now.max(self.model_ready);
                 let seconds = profile
                     .down
-                    .transfer_s(self.now.as_secs_f64(), self.workload.download_bytes());
+                    .transfer_s(sent.as_secs_f64(), self.workload.download_bytes());
                 self.workload.start(task, device as usize, local_steps)?;
                 self.tasks.insert(
                     task,
@@ -628,7 +650,7 @@ impl<W: Workload> Engine<W> {
                 self.device_task[device as usize] = Some(task);
                 self.stats.tasks_started += 1;
                 self.push(
-                    self.now.after_micros(micros_from_secs(seconds)),
+                    sent.after_micros(micros_from_secs(seconds)),
                     Happening::Downloaded(task),
                 );
             }
@@ -640,6 +662,9 @@ impl<W: Workload> Engine<W> {
             } => {
                 self.workload.fold(task, weight)?;
                 self.workload.forget(task);
+                if let Some(timeline) = &mut self.aggregation {
+                    timeline.arrive(self.now.as_secs_f64());
+                }
                 self.stats.folds += 1;
                 self.fold_staleness.push(staleness);
                 if let Some(loss) = self.losses.remove(&task) {
@@ -658,11 +683,18 @@ impl<W: Workload> Engine<W> {
             } => {
                 self.workload.aggregate(num_clients)?;
                 self.stats.aggregations += 1;
+                let ready = match &mut self.aggregation {
+                    Some(timeline) => {
+                        Timestamp::from_secs_f64(timeline.aggregate(self.now.as_secs_f64())).max(self.now)
+                    }
+                    None => self.now,
+                };
+                self.model_ready = ready;
                 let n = self.fold_staleness.len().max(1) as f64;
                 let losses = self.fold_losses.len().max(1) as f64;
                 self.ready.push_back(Aggregated {
                     version,
-                    time: self.now,
+                    time: ready,
                     updates,
                     staleness_mean: self.fold_staleness.iter().sum::<u64>() as f64 / n,
                     staleness_max: self.fold_staleness.iter().copied().max().unwrap_or(0),
@@ -886,6 +918,44 @@ mod tests {
         let s = engine.stats();
         assert_eq!((s.bytes_down, s.bytes_up), (6_000_000, 1_500_000));
         assert_eq!(engine.workload().folded, 6);
+    }
+
+    #[test]
+    fn charged_aggregation_delays_each_version_and_the_next_downloads() {
+        use crate::server::AggregationModel;
+        use shoal_aggregators::hierarchy::CostModel;
+        let cfg = FleetConfig {
+            compute: ComputeSpec::Homogeneous,
+            down: LinkSpec::Constant { mbit_s: 8.0 },
+            up: LinkSpec::Constant { mbit_s: 2.0 },
+            ..FleetConfig::default()
+        };
+        let fleet = cfg.build(3, 0.1, None, 0).unwrap();
+        // Folds and merges of 0.5 s each on two leaves.
+        let server = AggregationModel {
+            max_leaves: 2,
+            leaves_per_middle: 4,
+            memory_mb: 1 << 24,
+            cost: CostModel {
+                fold_ns_per_value: 1.0,
+                merge_ns_per_value: 1.0,
+                alloc_ns_per_value: 0.0,
+                spawn_us: 0.0,
+            },
+        };
+        let mut engine = Engine::new(sync_fedavg(3), fleet, vec![10; 3], Counting::default(), 1)
+            .charge_aggregation(server.timeline(500_000_000));
+        let until = Timestamp::from_secs_f64(100.0);
+        let first = engine.next_aggregation(until).unwrap().unwrap();
+        // All three arrive at 3 s: two fold at once, the third after (4 s), then one merge.
+        assert_eq!(first.time, Timestamp::from_secs_f64(4.5));
+        let second = engine.next_aggregation(until).unwrap().unwrap();
+        // The next round's downloads leave at 4.5 s: 3 s of round, then the same 1.5 s.
+        assert_eq!(second.time, Timestamp::from_secs_f64(9.0));
+        let stats = engine.aggregation_stats().unwrap();
+        assert_eq!((stats.folds, stats.aggregations, stats.max_leaves), (6, 2, 2));
+        assert!((stats.aggregation_s - 3.0).abs() < 1e-9);
+        assert!((stats.queue_wait_s - 1.0).abs() < 1e-9);
     }
 
     #[test]

@@ -8,11 +8,13 @@
 
 use crate::engine::{Engine, EngineStats, SimError};
 use crate::fleet::{FleetConfig, FleetSummary};
-use crate::split::{ServerModel, SplitSetup, SplitTraffic, SplitWorkload};
+use crate::server::ServerModel;
+use crate::split::{SplitSetup, SplitTraffic, SplitWorkload};
 use crate::training::{SystemsWorkload, TrainingSetup, TrainingWorkload};
 use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 use shoal_aggregators::AlgorithmConfig;
+use shoal_aggregators::hierarchy::TimelineStats;
 use shoal_compression::CodecSpec;
 use shoal_core::Params;
 use shoal_core::Timestamp;
@@ -237,6 +239,11 @@ impl ExperimentConfig {
         );
         self.fleet.validate()?;
         self.algorithm.build(self.seed).context("[algorithm]")?;
+        if let Some(aggregation) = &self.server.aggregation {
+            aggregation
+                .check()
+                .map_err(|e| anyhow::anyhow!("[server.aggregation] {e}"))?;
+        }
         match (&self.split, self.mode) {
             (Some(split), Mode::Split) => {
                 split.check_algorithm(&self.algorithm)?;
@@ -388,6 +395,24 @@ pub struct Summary {
     /// Split runs: what crossed the cut, what each side computes, split inference.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split: Option<SplitSummary>,
+    /// The server's aggregation work, when `[server.aggregation]` charges it on the clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregation: Option<AggregationSummary>,
+}
+
+/// The simulated server's aggregation runtime in `summary.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AggregationSummary {
+    /// Folds, queueing, and the time from each aggregation's call to its new model.
+    #[serde(flatten)]
+    pub timeline: TimelineStats,
+    /// Mean time from an aggregation's call to its new model (s).
+    pub mean_aggregation_s: f64,
+    /// Time the devices waited for aggregations (call to new model) as a share of the virtual
+    /// time: near 1, the server is the bottleneck.
+    pub share_of_time: f64,
+    /// Leaf time spent folding over the time the leaves there were could fold (up to 1).
+    pub utilisation: f64,
 }
 
 /// Split learning in `summary.json`.
@@ -470,7 +495,8 @@ pub fn run(
     config.validate()?;
     let start = Instant::now();
     let root = config.data_root(data_dir);
-    let (_, coordinator) = config.algorithm.build(config.seed)?;
+    let (algorithm, coordinator) = config.algorithm.build(config.seed)?;
+    let parts = algorithm.server.upload_parts();
     match config.mode {
         Mode::SystemsOnly => {
             let model = config.model_for_shape()?;
@@ -479,6 +505,7 @@ pub fn run(
             let fleet = config.fleet.build(count, base, root.as_deref(), config.seed)?;
             let workload = SystemsWorkload::for_model(model.layout(), &config.codec, config.seed)?;
             let engine = Engine::new(coordinator, fleet, vec![1; count], workload, config.seed);
+            let engine = charge_server(engine, config, parts * model.num_params());
             drive(
                 config,
                 &model,
@@ -502,6 +529,7 @@ pub fn run(
                 seed: config.seed,
             })?;
             let engine = Engine::new(coordinator, loaded.fleet, loaded.samples, workload, config.seed);
+            let engine = charge_server(engine, config, parts * model.num_params());
             let batch_size = config.eval.batch_size;
             let evaluate = |engine: &Engine<TrainingWorkload>| {
                 let e = engine.workload().evaluate(&test, batch_size)?;
@@ -510,6 +538,19 @@ pub fn run(
             drive(config, &model, engine, evaluate, |_, _| Ok(None), start, progress)
         }
         Mode::Split => run_split(config, root.as_deref(), coordinator, start, progress),
+    }
+}
+
+/// The engine, charging the server's aggregation on the clock when `[server.aggregation]` asks,
+/// for uploads of `values` values.
+fn charge_server<W: crate::engine::Workload>(
+    engine: Engine<W>,
+    config: &ExperimentConfig,
+    values: usize,
+) -> Engine<W> {
+    match &config.server.aggregation {
+        Some(aggregation) => engine.charge_aggregation(aggregation.timeline(values)),
+        None => engine,
     }
 }
 
@@ -589,6 +630,10 @@ fn run_split(
         seed: config.seed,
     })?;
     let engine = Engine::new(coordinator, loaded.fleet, loaded.samples, workload, config.seed);
+    // fl-server folds a split update as one dense vector [head | tail].
+    let cut = engine.workload().split_model();
+    let values = cut.head.num_params() + cut.tail.num_params();
+    let engine = charge_server(engine, config, values);
     let batch_size = config.eval.batch_size;
     let evaluate = |engine: &Engine<SplitWorkload>| {
         let e = engine.workload().evaluate(&test, batch_size)?;
@@ -686,27 +731,30 @@ fn drive<W: crate::engine::Workload>(
     let mut records = Vec::new();
     let mut window = Window::default();
     let mut version = 0u64;
-    let record = |engine: &Engine<W>, version: u64, window: &mut Window| -> Result<MetricRecord> {
-        let eval = evaluate(engine).context("evaluating the global model")?;
-        let stats = engine.stats();
-        let n = window.updates.max(1) as f64;
-        let r = MetricRecord {
-            version,
-            time_s: engine.now().as_secs_f64(),
-            wall_s: start.elapsed().as_secs_f64(),
-            accuracy: eval.map(|e| e.0),
-            loss: eval.map(|e| e.1),
-            client_loss: (window.updates > 0 && eval.is_some()).then(|| window.loss_sum / n),
-            bytes_up: stats.bytes_up,
-            bytes_down: stats.bytes_down,
-            updates: window.updates,
-            staleness_mean: window.staleness_sum / n,
-            staleness_max: window.staleness_max,
+    // `time_s`: when the version was ready (its aggregation's call, plus the server's work on it).
+    let record =
+        |engine: &Engine<W>, version: u64, time_s: f64, window: &mut Window| -> Result<MetricRecord> {
+            let eval = evaluate(engine).context("evaluating the global model")?;
+            let stats = engine.stats();
+            let n = window.updates.max(1) as f64;
+            let r = MetricRecord {
+                version,
+                time_s,
+                wall_s: start.elapsed().as_secs_f64(),
+                accuracy: eval.map(|e| e.0),
+                loss: eval.map(|e| e.1),
+                client_loss: (window.updates > 0 && eval.is_some()).then(|| window.loss_sum / n),
+                bytes_up: stats.bytes_up,
+                bytes_down: stats.bytes_down,
+                updates: window.updates,
+                staleness_mean: window.staleness_sum / n,
+                staleness_max: window.staleness_max,
+            };
+            *window = Window::default();
+            Ok(r)
         };
-        *window = Window::default();
-        Ok(r)
-    };
-    let first = record(&engine, 0, &mut window)?;
+    let first = record(&engine, 0, 0.0, &mut window)?;
+    let mut version_time_s = 0.0;
     progress.evaluated(&first);
     records.push(first);
     let target = config.stop.target_accuracy;
@@ -725,6 +773,7 @@ fn drive<W: crate::engine::Workload>(
             break;
         };
         version = agg.version.0;
+        version_time_s = agg.time.as_secs_f64();
         window.updates += agg.updates as u64;
         window.staleness_sum += agg.staleness_mean * agg.updates as f64;
         window.staleness_max = window.staleness_max.max(agg.staleness_max);
@@ -742,7 +791,7 @@ fn drive<W: crate::engine::Workload>(
             .every_s
             .is_some_and(|dt| (now_s / dt).floor() > (records.last().map_or(0.0, |r| r.time_s) / dt).floor());
         if by_versions || by_time || last_round {
-            let r = record(&engine, version, &mut window)?;
+            let r = record(&engine, version, version_time_s, &mut window)?;
             progress.evaluated(&r);
             let hit = reached(&r);
             records.push(r);
@@ -755,7 +804,7 @@ fn drive<W: crate::engine::Workload>(
         }
     }
     if records.last().is_some_and(|r| r.version != version) {
-        let r = record(&engine, version, &mut window)?;
+        let r = record(&engine, version, version_time_s, &mut window)?;
         progress.evaluated(&r);
         records.push(r);
     }
@@ -764,6 +813,11 @@ fn drive<W: crate::engine::Workload>(
     let wall = start.elapsed().as_secs_f64();
     let stats = engine.stats();
     let first_hit = records.iter().find(|r| reached(r));
+    // The last version may be ready after the last event, once the server's aggregation is charged.
+    let virtual_time_s = records
+        .last()
+        .map_or(0.0, |r| r.time_s)
+        .max(engine.now().as_secs_f64());
     let accuracies: Vec<f64> = records.iter().filter_map(|r| r.accuracy).collect();
     let summary = Summary {
         name,
@@ -777,7 +831,7 @@ fn drive<W: crate::engine::Workload>(
         rounds: version,
         final_accuracy: records.last().and_then(|r| r.accuracy),
         best_accuracy: accuracies.iter().copied().reduce(f64::max),
-        virtual_time_s: engine.now().as_secs_f64(),
+        virtual_time_s,
         wall_time_s: wall,
         bytes_up: stats.bytes_up,
         bytes_down: stats.bytes_down,
@@ -791,6 +845,12 @@ fn drive<W: crate::engine::Workload>(
         engine: stats,
         fleet: engine.fleet().summary(),
         split,
+        aggregation: engine.aggregation_stats().map(|t| AggregationSummary {
+            timeline: t.clone(),
+            mean_aggregation_s: t.aggregation_s / t.aggregations.max(1) as f64,
+            share_of_time: t.aggregation_s / virtual_time_s.max(1e-12),
+            utilisation: t.fold_busy_s / (virtual_time_s * t.max_leaves.max(1) as f64).max(1e-12),
+        }),
     };
     progress.end(&summary);
     Ok(RunOutput {

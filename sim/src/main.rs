@@ -458,6 +458,20 @@ fn print_summary(s: &Summary, dir: &std::path::Path) {
             sp.inference.latency_s.p90 * 1e3
         );
     }
+    if let Some(a) = &s.aggregation {
+        println!(
+            "  server aggregation: {} folds on up to {} leaves, busy {:.1} % · devices waited {:.2} s for new \
+             versions ({:.1} % of the time; mean {:.3} s, max {:.3} s) · queue up to {}",
+            a.timeline.folds,
+            a.timeline.max_leaves,
+            a.utilisation * 100.0,
+            a.timeline.aggregation_s,
+            a.share_of_time * 100.0,
+            a.mean_aggregation_s,
+            a.timeline.max_aggregation_s,
+            a.timeline.max_queue_depth
+        );
+    }
     println!(
         "  {} events, {:.0} events/s; wrote {}",
         s.engine.events,

@@ -10,6 +10,7 @@
 //! aggregation average heads (and V1 tails) with the scheduler's weights.
 
 use crate::engine::{Finished, SimError, SplitServing, SplitSteps, Workload, task_seed};
+use crate::server::ServerModel;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use shoal_compression::{CodecCompressor, CodecSpec, DecodeLimits};
@@ -21,35 +22,6 @@ use shoal_split::inference::{self, SplitEvaluation, SplitProfile};
 use shoal_split::{BatchOrder, SplitConfig, SplitServer, SplitVariant, TailSession, TaskTrace, run_task};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-
-/// `[server]` of an experiment: the simulated server's compute.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServerModel {
-    /// FLOP/s of one server worker, in units of 10⁹.
-    #[serde(default = "default_server_gflops")]
-    pub gflops: f64,
-    /// Workers serving split minibatches at once (SplitFed V1; V2 serves one task at a time).
-    #[serde(default = "default_server_lanes")]
-    pub lanes: usize,
-}
-
-fn default_server_gflops() -> f64 {
-    200.0
-}
-
-fn default_server_lanes() -> usize {
-    4
-}
-
-impl Default for ServerModel {
-    fn default() -> Self {
-        Self {
-            gflops: default_server_gflops(),
-            lanes: default_server_lanes(),
-        }
-    }
-}
 
 /// Bytes of one raw input sample: 1 per pixel for MNIST images, 4 per f32 feature otherwise.
 pub fn raw_input_bytes(dataset: DatasetName, input_shape: &[usize]) -> f64 {

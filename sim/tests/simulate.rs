@@ -220,6 +220,51 @@ fn systems_only_runs_large_fleets_without_data() {
 }
 
 #[test]
+fn charging_aggregation_shows_when_the_server_is_the_bottleneck() {
+    let mut config = small(4);
+    config.mode = Mode::SystemsOnly;
+    config.model.name = "cnn".into();
+    config.data.dataset = shoal_model::data::DatasetName::Mnist;
+    config.fleet.count = Some(40);
+    config.fleet.dropout = 0.0;
+    config.algorithm = toml::from_str(
+        r#"
+        local_steps = 5
+        [rule]
+        rule = "fedavg"
+        [scheduler]
+        scheduler = "sync"
+        clients_per_round = 20
+        "#,
+    )
+    .unwrap();
+    config.stop = toml::from_str("rounds = 4").unwrap();
+    let with = |aggregation: &str| {
+        let mut c = config.clone();
+        c.server = toml::from_str(aggregation).unwrap();
+        run(&c, None, &mut Quiet).unwrap().summary
+    };
+    let free = with("");
+    assert!(free.aggregation.is_none(), "aggregation is free unless charged");
+    let measured = with("[aggregation]\nmax_leaves = 2");
+    let slow = with("[aggregation]\nmax_leaves = 1\ncost = { fold_ns_per_value = 20000.0 }");
+    for s in [&measured, &slow] {
+        let a = s.aggregation.as_ref().unwrap();
+        assert_eq!(a.timeline.folds, s.engine.folds, "every fold is charged");
+        assert_eq!(a.timeline.aggregations, s.rounds);
+        assert!(s.virtual_time_s > free.virtual_time_s);
+    }
+    // 1.66 M parameters at 3 ns per value on two leaves: milliseconds per round, a tiny share.
+    let m = measured.aggregation.as_ref().unwrap();
+    assert!(m.share_of_time < 0.01 && m.utilisation < 0.01, "{m:?}");
+    // 33 s per fold on one leaf, 20 uploads per round: the server is the bottleneck.
+    let s = slow.aggregation.as_ref().unwrap();
+    assert!(s.share_of_time > 0.5 && s.utilisation > 0.9, "{s:?}");
+    assert!(s.timeline.max_queue_depth > 1 && s.timeline.queue_wait_s > 0.0);
+    assert_eq!(s.timeline.max_leaves, 1);
+}
+
+#[test]
 fn trace_driven_fleets_use_the_real_phone_and_network_traces() {
     let data = common::shared_data();
     let mut config = small(6);
