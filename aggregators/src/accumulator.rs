@@ -73,6 +73,34 @@ impl Accumulator {
         }
     }
 
+    /// An accumulator holding given sums (each of one length), e.g. a partial aggregate received
+    /// from another process; refuses non-finite sums, a bad total weight or ragged parts.
+    pub fn from_sums(sums: Vec<Vec<f64>>, total_weight: f64, count: u64) -> Result<Self, FoldError> {
+        if !(total_weight.is_finite() && total_weight >= 0.0) {
+            return Err(FoldError::Weight(total_weight));
+        }
+        let dim = sums.first().map_or(0, Vec::len);
+        for (part, sum) in sums.iter().enumerate() {
+            if sum.len() != dim {
+                return Err(FoldError::Length {
+                    part,
+                    expected: dim,
+                    actual: sum.len(),
+                });
+            }
+            if let Some(index) = sum.iter().position(|x| !x.is_finite()) {
+                return Err(FoldError::NonFinite { part, index });
+            }
+        }
+        Ok(Self {
+            sums,
+            dim,
+            total_weight,
+            count,
+            rejected: 0,
+        })
+    }
+
     /// Empties the accumulator but keeps its memory, so a warm worker reuses it for the next
     /// aggregation without allocating or faulting in pages again.
     pub fn reset(&mut self) {

@@ -16,10 +16,9 @@ use shoal_aggregators::{Broadcast, ClientState};
 use shoal_core::TaskId;
 use shoal_net::endpoint::{Timeouts, client_endpoint};
 use shoal_net::protocol::{
-    BroadcastVector, Capabilities, ClientMessage, DeclaredProfile, ErrorCode, PROTOCOL_VERSION,
-    ServerMessage, StreamHeader,
+    BroadcastVector, Capabilities, ClientMessage, DeclaredProfile, ErrorCode, PROTOCOL_VERSION, ServerMessage,
 };
-use shoal_net::stream::{MessageReader, read_body_into, read_header, send_stream, write_message};
+use shoal_net::stream::{MessageReader, read_model, send_update, write_message};
 use shoal_net::tls::PemPair;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -387,57 +386,15 @@ async fn session(
 /// Reads the model stream of `spec` into shared vectors, straight into their memory.
 async fn receive_model(conn: &quinn::Connection, spec: &TaskSpec, work: &mut Work) -> Result<Broadcast> {
     let dim = work.trainer.as_ref().map_or(0, |t| t.dim());
-    let mut stream = tokio::time::timeout(Duration::from_secs(60), conn.accept_uni())
-        .await
-        .context("no model stream within 60 s")??;
-    let header = read_header(&mut stream, 1 << 16).await?;
-    let StreamHeader::Model {
-        task,
-        vectors,
-        dim: sent_dim,
-        ..
-    } = header
-    else {
-        bail!("expected a model stream");
-    };
-    // A broadcast holds the model and at most its three companion vectors: never allocate more.
-    if task != spec.task
-        || sent_dim != dim as u64
-        || vectors.first() != Some(&BroadcastVector::Model)
-        || vectors.len() > 4
-    {
-        bail!(
-            "the model stream ({task}, {} vectors of {sent_dim}) does not match {} with {dim} parameters",
-            vectors.len(),
-            spec.task
-        );
-    }
-    let mut values: Vec<Vec<f32>> = vectors.iter().map(|_| vec![0.0f32; dim]).collect();
-    {
-        // One contiguous read per vector, into its own buffer.
-        let mut remaining: &mut [Vec<f32>] = &mut values;
-        while let Some((first, rest)) = remaining.split_first_mut() {
-            let last = rest.is_empty();
-            let bytes: &mut [u8] = bytemuck::cast_slice_mut(first.as_mut_slice());
-            if last {
-                read_body_into(&mut stream, bytes).await?;
-            } else {
-                stream
-                    .read_exact(bytes)
-                    .await
-                    .context("reading the model stream")?;
-            }
-            remaining = rest;
-        }
-    }
-    work.report.bytes_down += (values.len() * dim * 4) as u64;
+    let vectors = read_model(conn, spec.task, dim, Duration::from_secs(60)).await?;
+    work.report.bytes_down += (vectors.len() * dim * 4) as u64;
     let mut broadcast = Broadcast {
         x: Arc::from(Vec::new()),
         c: None,
         g: None,
         x_prev: None,
     };
-    for (kind, v) in vectors.into_iter().zip(values) {
+    for (kind, v) in vectors {
         let v: Arc<[f32]> = Arc::from(v);
         match kind {
             BroadcastVector::Model => broadcast.x = v,
@@ -456,20 +413,8 @@ async fn upload(
     update: &EncodedUpdate,
     work: &mut Work,
 ) -> Result<()> {
-    write_message(
-        send,
-        &ClientMessage::UpdateReady {
-            meta: update.meta.clone(),
-            payload_bytes: update.bytes(),
-        },
-    )
-    .await?;
-    let header = StreamHeader::Update {
-        task: update.meta.task,
-        part_bytes: update.parts.iter().map(|p| p.len() as u64).collect(),
-    };
     let body: Vec<&[u8]> = update.parts.iter().map(Vec::as_slice).collect();
-    send_stream(conn, &header, &body).await?;
+    send_update(conn, send, &update.meta, &body).await?;
     work.report.bytes_up += update.bytes();
     tracing::info!(task = %update.meta.task, bytes = update.bytes(), loss = update.meta.loss, "update sent");
     Ok(())

@@ -7,6 +7,8 @@
 //!   coded in [`tensor`] with the bit and varint I/O of [`bits`].
 //! - [`payload`]: the self-describing, versioned, checksummed payload, and its decoder that refuses
 //!   bad bytes with a [`DecodeError`] within caller-set [`DecodeLimits`].
+//! - [`partial`]: the wire format of a partial aggregate (f64 sums and total weight) that a leaf
+//!   fl-server forwards to the top.
 //! - [`feedback`]: classic error feedback and EF21 around any compressor.
 //! - [`activation`]: 8-bit affine quantisation of split-learning activations and gradients;
 //!   [`cut`]: their wire format at a split cut (with the minibatch's labels).
@@ -19,6 +21,7 @@ pub mod cut;
 mod error;
 pub mod feedback;
 pub mod huffman;
+pub mod partial;
 pub mod payload;
 pub mod quantize;
 pub mod sparsify;

@@ -5,10 +5,12 @@
 //! typed error.
 
 use crate::framing::{self, FrameDecoder, FrameError, PREFIX_BYTES};
-use crate::protocol::StreamHeader;
+use crate::protocol::{BroadcastVector, ClientMessage, StreamHeader};
 use quinn::{Connection, RecvStream, SendStream};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use shoal_core::{TaskId, UpdateMeta};
+use std::time::Duration;
 use thiserror::Error;
 
 /// A stream that could not be read or written.
@@ -51,6 +53,12 @@ pub enum StreamError {
         /// Announced.
         expected: u64,
     },
+    /// A stream that is not the one expected.
+    #[error("unexpected stream: {0}")]
+    Unexpected(String),
+    /// Nothing came in time.
+    #[error("no {0} in time")]
+    TimedOut(&'static str),
 }
 
 impl From<quinn::ClosedStream> for StreamError {
@@ -198,4 +206,77 @@ pub async fn send_stream(
     }
     send.finish()?;
     Ok(())
+}
+
+/// The vectors of a model stream, in the order it announced them.
+pub type ModelVectors = Vec<(BroadcastVector, Vec<f32>)>;
+
+/// Accepts the model stream of `task` (within `wait`) and reads its vectors of `dim` values each
+/// straight into their own memory. A stream for another task or dimension, without the model
+/// first, or with more than the model and its three companion vectors is refused before anything
+/// is allocated.
+pub async fn read_model(
+    conn: &Connection,
+    task: TaskId,
+    dim: usize,
+    wait: Duration,
+) -> Result<ModelVectors, StreamError> {
+    let mut stream = tokio::time::timeout(wait, conn.accept_uni())
+        .await
+        .map_err(|_| StreamError::TimedOut("model stream"))??;
+    let header = read_header(&mut stream, 1 << 16).await?;
+    let StreamHeader::Model {
+        task: sent_task,
+        vectors,
+        dim: sent_dim,
+        ..
+    } = header
+    else {
+        return Err(StreamError::Unexpected("expected a model stream".into()));
+    };
+    if sent_task != task
+        || sent_dim != dim as u64
+        || vectors.first() != Some(&BroadcastVector::Model)
+        || vectors.len() > 4
+    {
+        return Err(StreamError::Unexpected(format!(
+            "the model stream ({sent_task}, {} vectors of {sent_dim}) does not match {task} with {dim} parameters",
+            vectors.len()
+        )));
+    }
+    let mut values: Vec<Vec<f32>> = vectors.iter().map(|_| vec![0.0f32; dim]).collect();
+    let count = values.len();
+    for (i, v) in values.iter_mut().enumerate() {
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(v.as_mut_slice());
+        if i + 1 == count {
+            read_body_into(&mut stream, bytes).await?;
+        } else {
+            stream.read_exact(bytes).await?;
+        }
+    }
+    Ok(vectors.into_iter().zip(values).collect())
+}
+
+/// Announces an update on the control stream (`UpdateReady`) and sends its payloads, one per
+/// uploaded vector, on their own stream.
+pub async fn send_update(
+    conn: &Connection,
+    control: &mut SendStream,
+    meta: &UpdateMeta,
+    parts: &[&[u8]],
+) -> Result<(), StreamError> {
+    let payload_bytes = parts.iter().map(|p| p.len() as u64).sum();
+    write_message(
+        control,
+        &ClientMessage::UpdateReady {
+            meta: meta.clone(),
+            payload_bytes,
+        },
+    )
+    .await?;
+    let header = StreamHeader::Update {
+        task: meta.task,
+        part_bytes: parts.iter().map(|p| p.len() as u64).collect(),
+    };
+    send_stream(conn, &header, parts).await
 }

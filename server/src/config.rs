@@ -5,7 +5,7 @@
 use crate::runtime::RuntimeConfig;
 use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
-use shoal_aggregators::AlgorithmConfig;
+use shoal_aggregators::{AlgorithmConfig, RuleConfig, SchedulerConfig};
 use shoal_compression::CodecSpec;
 use shoal_model::data::DatasetName;
 use shoal_model::data::synthetic::SyntheticConfig;
@@ -148,12 +148,17 @@ pub struct StorageConfig {
     /// Model versions whose state files are kept (0: all).
     #[serde(default = "default_keep")]
     pub keep_versions: usize,
+    /// Keep every folded update (with its weight) under `state/folded/VERSION/`, so
+    /// `fl-server audit` can fold a version again, flat, and compare.
+    #[serde(default)]
+    pub keep_updates: bool,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             keep_versions: default_keep(),
+            keep_updates: false,
         }
     }
 }
@@ -192,6 +197,50 @@ pub struct ServerConfig {
     /// The aggregation runtime: fold mode, pool limits, keep-alive (does not define the run).
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// Hierarchical deployment: this server is the top of leaf fl-servers, or a leaf of a top.
+    #[serde(default)]
+    pub federation: Option<FederationConfig>,
+}
+
+/// `[federation]`: fl-servers in a tree (ALGORITHMS.md §6). A leaf accepts its own clients, runs
+/// each round among them on its aggregation runtime and forwards the partial aggregate — the f64
+/// sums and their total weight, never an average — to the top as its update; the top merges the
+/// leaves' partials and applies the rule once, so the result is the flat aggregate of every
+/// client's update. Leaves train from the top's versions: a leaf's version `v` is the top's.
+///
+/// ```toml
+/// [federation]                 # on the top
+/// role = "top"
+/// leaves = ["leaf-a", "leaf-b"]  # names of the certificates issued to the leaves
+///
+/// [federation]                 # on a leaf
+/// role = "leaf"
+/// top = "127.0.0.1:4433"
+/// identity = "top-identity"    # ca.pem, client.pem, client.key from `fl-server issue-client TOP leaf-a`
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FederationConfig {
+    /// The top: its clients are leaf fl-servers, whose updates are partial aggregates.
+    Top {
+        /// Certificate names of the leaves (their uploads must be, and only theirs may be, partials).
+        leaves: Vec<String>,
+    },
+    /// A leaf: accepts clients, forwards partial aggregates to the top.
+    Leaf {
+        /// The top fl-server's QUIC address.
+        top: SocketAddr,
+        /// The name in the top's certificate.
+        #[serde(default = "default_top_name")]
+        server_name: String,
+        /// Directory with the identity the top issued to this leaf (`ca.pem`, `client.pem`,
+        /// `client.key`); relative paths are under the data directory. Its name is the leaf's name.
+        identity: PathBuf,
+    },
+}
+
+fn default_top_name() -> String {
+    "localhost".into()
 }
 
 impl ServerConfig {
@@ -236,6 +285,20 @@ impl ServerConfig {
         self.runtime
             .check()
             .map_err(|e| anyhow::anyhow!("[runtime] {e}"))?;
+        if let Some(federation) = &self.federation {
+            ensure!(self.split.is_none(), "[federation] does not combine with [split]");
+            ensure!(
+                matches!(
+                    self.algorithm.rule,
+                    RuleConfig::FedAvg { .. } | RuleConfig::FedAvgM { .. }
+                ) && matches!(self.algorithm.scheduler, SchedulerConfig::Sync(_)),
+                "[federation] runs fedavg or fedavgm under synchronous rounds (their sums merge across \
+                 servers exactly; the other rules keep state per client or per update)"
+            );
+            if let FederationConfig::Top { leaves } = federation {
+                ensure!(!leaves.is_empty(), "[federation] role = \"top\" needs `leaves`");
+            }
+        }
         if let Some(split) = &self.split {
             split.check_algorithm(&self.algorithm)?;
             let (shape, classes) = self.data.dataset.shape(&self.data.synthetic);
@@ -314,6 +377,7 @@ max_payload_bytes = 1073741824
 
 [storage]
 keep_versions = 20             # model versions whose files are kept (0: all)
+keep_updates = false           # keep folded updates under state/folded/ for `fl-server audit`
 
 [runtime]                      # the aggregation runtime (serverless workers, leaf → middle → top)
 mode = "eager"                 # eager: fold each update as it arrives; lazy: all at the end

@@ -14,7 +14,8 @@ use crate::config::ServerConfig;
 use crate::datadir::DataDir;
 use crate::files;
 use crate::run::{
-    Offer, Outgoing, ProcessFigures, ReceivedUpdate, Run, RunSummary, SharedBroadcast, decode_update,
+    Contribution, Offer, Outgoing, ProcessFigures, ReceivedUpdate, Run, RunSummary, SharedBroadcast,
+    decode_contribution, decode_update,
 };
 use crate::split::{Serving, SplitRun, Taken};
 use crate::store::Store;
@@ -28,7 +29,7 @@ use shoal_net::protocol::{
 use shoal_net::stream::{MessageReader, StreamError, read_body, read_header, send_stream, write_message};
 use shoal_net::tls::{self, ClientAuth};
 use shoal_split::{SplitError, TailSession};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,6 +63,14 @@ pub(crate) enum Request {
         connection: u64,
     },
     Admin(AdminQuery),
+    /// A leaf: the top's task and model.
+    TopTask {
+        task: TaskId,
+        version: ModelVersion,
+        x: Vec<f32>,
+    },
+    /// A leaf: the top finished the run at this version.
+    TopFinished(ModelVersion),
     Stop,
 }
 
@@ -88,6 +97,10 @@ pub(crate) enum ToClient {
 struct Shared {
     requests: std_mpsc::Sender<Request>,
     layout: Arc<Layout>,
+    /// Vectors per upload of the rule.
+    upload_parts: usize,
+    /// A top's leaves: their uploads are partial aggregates.
+    leaves: HashSet<String>,
     split: Option<Arc<SplitRun>>,
     state_dir: PathBuf,
     limits: Limits,
@@ -140,6 +153,11 @@ pub fn serve(dir: &DataDir, data_dir: Option<&Path>) -> Result<RunSummary> {
     let shared = Arc::new(Shared {
         requests: requests.clone(),
         layout: run.layout(),
+        upload_parts: run.upload_parts(),
+        leaves: match &config.federation {
+            Some(crate::config::FederationConfig::Top { leaves }) => leaves.iter().cloned().collect(),
+            _ => HashSet::new(),
+        },
         split: run.split().cloned(),
         state_dir: run.state_dir().to_path_buf(),
         limits: Limits {
@@ -178,9 +196,25 @@ pub fn serve(dir: &DataDir, data_dir: Option<&Path>) -> Result<RunSummary> {
             }
         }
     });
+    // A leaf: the link to the top, fed with the partials the coordinator thread owes.
+    let (to_top, owed) = mpsc::unbounded_channel();
+    let top_link = match &config.federation {
+        Some(federation) => crate::federation::TopLink::load(federation, dir.root(), run.description())?,
+        None => None,
+    };
+    let link = top_link.map(|link| {
+        tracing::info!(top = %link.top, name = link.name, "leaf of a federation");
+        let requests = requests.clone();
+        runtime.spawn(async move {
+            if let Err(e) = crate::federation::run_link(link, requests.clone(), owed).await {
+                tracing::error!(error = %format!("{e:#}"), "the link to the top failed; stopping");
+                let _ = requests.send(Request::Stop);
+            }
+        })
+    });
     let coordinator = std::thread::Builder::new()
         .name("fl-server-coordinator".into())
-        .spawn(move || coordinate(run, inbox, grace, finished_tx, metrics_tx))
+        .spawn(move || coordinate(run, inbox, grace, finished_tx, metrics_tx, to_top))
         .context("starting the coordinator thread")?;
 
     runtime.block_on(async {
@@ -211,6 +245,9 @@ pub fn serve(dir: &DataDir, data_dir: Option<&Path>) -> Result<RunSummary> {
             .ok();
     });
     admin.abort();
+    if let Some(link) = link {
+        link.abort();
+    }
     drop(requests);
     let (mut summary, busy, summary_path, finished) = coordinator
         .join()
@@ -265,6 +302,7 @@ fn coordinate(
     grace: Duration,
     finished: tokio::sync::watch::Sender<bool>,
     metrics: tokio::sync::broadcast::Sender<crate::run::VersionMetrics>,
+    to_top: mpsc::UnboundedSender<crate::run::LeafUpload>,
 ) -> Result<(RunSummary, Duration, PathBuf, bool)> {
     let mut busy = Duration::ZERO;
     let mut pause = Pause::default();
@@ -299,6 +337,8 @@ fn coordinate(
         match request {
             Some(Request::Stop) => break,
             Some(Request::Admin(query)) => answer(&mut run, query, &connected, &mut pause, &mut outgoing),
+            Some(Request::TopTask { task, version, x }) => run.top_task(task, version, x)?,
+            Some(Request::TopFinished(version)) => run.top_finished(version)?,
             Some(request) => {
                 handle_request(&mut run, request, grace, &mut connected, &mut away, &mut outgoing)?;
             }
@@ -317,7 +357,11 @@ fn coordinate(
         if run.next_wakeup().is_some_and(|at| at <= run.now()) {
             outgoing.extend(run.handle(Event::Timer)?);
         }
+        outgoing.extend(pause.release(&run));
         pause.dispatch(&mut run, outgoing, &mut connected);
+        for upload in run.take_leaf_uploads() {
+            let _ = to_top.send(upload);
+        }
         for m in run.take_committed() {
             let _ = metrics.send(m);
         }
@@ -440,12 +484,13 @@ fn handle_request(
             }
         }
         // Answered by the coordinator loop itself.
-        Request::Admin(_) | Request::Stop => {}
+        Request::Admin(_) | Request::TopTask { .. } | Request::TopFinished(_) | Request::Stop => {}
     }
     Ok(())
 }
 
-/// Whether tasks are being held back (the admin API's pause), and the held ones.
+/// Whether tasks are being held back (the admin API's pause, or a leaf waiting for its top), and
+/// the held ones.
 #[derive(Default)]
 struct Pause {
     paused: bool,
@@ -453,7 +498,22 @@ struct Pause {
 }
 
 impl Pause {
-    /// Dispatches `outgoing`, holding tasks back while paused.
+    /// The held tasks that may go now (none while paused or while the run holds tasks), without
+    /// those the Coordinator no longer runs.
+    fn release(&mut self, run: &Run) -> Vec<Outgoing> {
+        if self.paused || run.holds_tasks() {
+            return Vec::new();
+        }
+        std::mem::take(&mut self.held)
+            .into_iter()
+            .filter(|o| match o {
+                Outgoing::Task { task, .. } => run.coordinator().running_task(*task).is_some(),
+                _ => true,
+            })
+            .collect()
+    }
+
+    /// Dispatches `outgoing`, holding tasks back while paused or while the run holds them.
     fn dispatch(
         &mut self,
         run: &mut Run,
@@ -463,7 +523,7 @@ impl Pause {
         let (tasks, others): (Vec<Outgoing>, Vec<Outgoing>) = outgoing
             .into_iter()
             .partition(|o| matches!(o, Outgoing::Task { .. }));
-        if self.paused {
+        if self.paused || run.holds_tasks() {
             self.held.extend(tasks);
             dispatch(run, others, connected);
         } else {
@@ -527,15 +587,8 @@ fn answer(
                 tracing::info!(paused, "admin: {}", if paused { "paused" } else { "resumed" });
             }
             // Resuming dispatches through the caller's outgoing list, so held tasks go out in order.
-            if paused {
-                pause.paused = true;
-            } else {
-                pause.paused = false;
-                outgoing.extend(std::mem::take(&mut pause.held).into_iter().filter(|o| match o {
-                    Outgoing::Task { task, .. } => run.coordinator().running_task(*task).is_some(),
-                    _ => true,
-                }));
-            }
+            pause.paused = paused;
+            outgoing.extend(pause.release(run));
             let _ = reply.send(pause.paused);
         }
         AdminQuery::Model(reply) => {
@@ -734,6 +787,7 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         conn: conn.clone(),
         shared: shared.clone(),
         client: None,
+        leaf: false,
         task_of_upload: None,
     };
     let result = session.run(connection).await;
@@ -765,6 +819,8 @@ struct Session {
     conn: quinn::Connection,
     shared: Arc<Shared>,
     client: Option<ClientId>,
+    /// Whether the peer is one of this top's leaves (its uploads are partial aggregates).
+    leaf: bool,
     /// The task of the upload being received, if any.
     task_of_upload: Option<TaskId>,
 }
@@ -838,6 +894,7 @@ impl Session {
             Err(_) => return Err(Fatal(ErrorCode::Internal, "the server is stopping".into())),
         };
         self.client = Some(client);
+        self.leaf = shared.leaves.contains(&name);
         write_message(
             send,
             &ServerMessage::Welcome {
@@ -1000,11 +1057,12 @@ impl Session {
         let wire_bytes = body.len() as u64;
         let split = shared.split.clone();
         let task = meta.task;
+        let (parts, partial) = (shared.upload_parts, self.leaf);
         let prepared = tokio::task::spawn_blocking(move || match split {
             None => {
-                let parts = decode_update(&body, &part_bytes, &layout)?;
+                let contribution = decode_contribution(&body, &part_bytes, &layout, parts, partial)?;
                 files::write_atomic(&path, &[&body]).map_err(|e| format!("storing: {e}"))?;
-                Ok::<_, String>((part_bytes, files::content_hash(&[&body]), parts))
+                Ok::<_, String>((part_bytes, files::content_hash(&[&body]), contribution))
             }
             Some(split) => {
                 // The device sends its head; the stored update is [Δhead | Δtail], dense.
@@ -1020,13 +1078,13 @@ impl Session {
                 Ok((
                     vec![stored.len() as u64],
                     files::content_hash(&[&stored]),
-                    vec![full],
+                    Contribution::Upload(Arc::from(vec![full])),
                 ))
             }
         })
         .await
         .map_err(|e| Fatal(ErrorCode::Internal, e.to_string()))?;
-        let (part_bytes, hash, parts) = prepared.map_err(|e| {
+        let (part_bytes, hash, contribution) = prepared.map_err(|e| {
             Fatal(
                 ErrorCode::Malformed,
                 format!("the update of {} is unusable: {e}", meta.task),
@@ -1041,7 +1099,7 @@ impl Session {
                 wire_bytes,
                 part_bytes,
                 hash,
-                parts,
+                contribution,
             },
             incoming,
             reply,

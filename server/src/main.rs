@@ -106,6 +106,25 @@ enum Command {
         #[arg(long, default_value = "runs/aggregate-bench")]
         out: PathBuf,
     },
+    /// Check a committed version against a flat aggregation of the updates kept for it
+    /// ([storage] keep_updates = true): from the server itself, or from the leaves of a federation.
+    /// Run it on stopped servers. Exits with an error when the difference exceeds the tolerance.
+    Audit {
+        /// The server's data directory (the top of a federation).
+        dir: PathBuf,
+        /// A leaf's data directory whose kept updates are folded (repeat; default: DIR itself).
+        #[arg(long = "leaf")]
+        leaves: Vec<PathBuf>,
+        /// The version (default: the last committed).
+        #[arg(long)]
+        version: Option<u64>,
+        /// Largest difference accepted.
+        #[arg(long, default_value_t = 1e-6)]
+        tolerance: f64,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Ask a running server (through its admin API) for its status and clients.
     Status {
         /// The data directory.
@@ -312,6 +331,40 @@ fn main() -> Result<()> {
             let path = out.join("bench-aggregate.json");
             std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
             eprintln!("wrote {}", path.display());
+        }
+        Command::Audit {
+            dir,
+            leaves,
+            version,
+            tolerance,
+            json,
+        } => {
+            let leaves: Vec<DataDir> = leaves.iter().map(DataDir::new).collect();
+            let report = shoal_server::audit::audit(&DataDir::new(&dir), &leaves, version, tolerance)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "version {}: {} updates from {} server(s) folded flat; max |difference| {:.3e} ({:.3e} of the \
+                     largest value); tolerance {:.1e}: {}",
+                    report.version,
+                    report.updates,
+                    report.servers,
+                    report.max_abs_diff,
+                    report.max_rel_diff,
+                    report.tolerance,
+                    if report.ok { "equal" } else { "DIFFERENT" }
+                );
+                if let Some(d) = report.sums_max_rel_diff {
+                    println!(
+                        "  the top's merged f64 sums against the flat sums: {d:.3e} relative (at most 1e-9)"
+                    );
+                }
+            }
+            anyhow::ensure!(
+                report.ok,
+                "the committed version differs from the flat aggregation"
+            );
         }
         Command::Status { dir, json } => admin_call(async {
             let mut admin = shoal_server::admin::connect(&DataDir::new(&dir)).await?;

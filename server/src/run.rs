@@ -7,15 +7,15 @@
 //! Coordinator (same configuration, same seed, so the same decisions): acknowledged updates that
 //! no committed version holds are folded again from their files; nothing is folded twice.
 
-use crate::config::ServerConfig;
+use crate::config::{FederationConfig, ServerConfig};
 use crate::runtime::{Aggregation, Runtime, RuntimeStats, SharedUpload};
 use crate::split::SplitRun;
 use crate::store::{PendingUpdate, Store, StoreError};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use shoal_aggregators::{
-    Algorithm, ApplyContext, Broadcast, Command, Coordinator, CoordinatorError, Event, ServerState,
-    TaskRecord,
+    Accumulator, Algorithm, ApplyContext, Broadcast, Command, Coordinator, CoordinatorError, Event,
+    ServerState, TaskRecord,
 };
 use shoal_compression::DecodeLimits;
 use shoal_core::{ClientId, Layout, ModelVersion, TaskId, Timestamp, UpdateMeta};
@@ -129,8 +129,87 @@ pub struct ReceivedUpdate {
     pub part_bytes: Vec<u64>,
     /// Hash of the payload file.
     pub hash: u64,
-    /// The decoded parts.
-    pub parts: Vec<Vec<f32>>,
+    /// What it contributes to the aggregation.
+    pub contribution: Contribution,
+}
+
+/// What an accepted update contributes to an aggregation.
+#[derive(Debug)]
+pub enum Contribution {
+    /// A client's decoded upload, folded with the scheduler's weight.
+    Upload(SharedUpload),
+    /// A leaf fl-server's partial aggregate, merged as it is: its sums already carry its clients'
+    /// weights (the scheduler's weight for the leaf is not applied).
+    Partial(Accumulator),
+}
+
+/// Decodes what an update file holds: a leaf's partial aggregate when `partial`, else a client's
+/// payloads (see [`decode_update`]).
+pub fn decode_contribution(
+    bytes: &[u8],
+    part_bytes: &[u64],
+    layout: &Layout,
+    parts: usize,
+    partial: bool,
+) -> Result<Contribution, String> {
+    if !partial {
+        return Ok(Contribution::Upload(Arc::from(decode_update(
+            bytes, part_bytes, layout,
+        )?)));
+    }
+    if part_bytes.len() != 1 {
+        return Err(format!(
+            "a partial aggregate comes in one part, not {}",
+            part_bytes.len()
+        ));
+    }
+    let sums = shoal_compression::partial::decode_partial(
+        bytes,
+        layout,
+        parts,
+        shoal_compression::partial::partial_bytes_bound(parts, layout.len()),
+    )
+    .map_err(|e| e.to_string())?;
+    Accumulator::from_sums(sums.sums, sums.total_weight, sums.count)
+        .map(Contribution::Partial)
+        .map_err(|e| e.to_string())
+}
+
+/// A partial aggregate a leaf owes the top: the sums of its round on the top's version `base`.
+#[derive(Debug, Clone)]
+pub struct OwedPartial {
+    /// The top's version the round trained from.
+    pub base: ModelVersion,
+    /// The encoded partial aggregate.
+    pub bytes: Arc<Vec<u8>>,
+    /// Samples of the clients folded into it.
+    pub num_samples: u64,
+    /// Their mean training loss.
+    pub loss: f32,
+}
+
+/// A leaf's upload to the top: the partial of `owed` as the update of the top's `task`.
+#[derive(Debug, Clone)]
+pub struct LeafUpload {
+    /// The top's task.
+    pub task: TaskId,
+    /// What is sent.
+    pub owed: OwedPartial,
+}
+
+/// Where a leaf stands with its top.
+#[derive(Debug, Default)]
+struct LeafLink {
+    /// The top's task for the version this leaf is on.
+    top_task: Option<(TaskId, ModelVersion)>,
+    /// The version whose model the leaf waits for from the top (its round is aggregated).
+    awaiting: Option<ModelVersion>,
+    /// The partial of the aggregated round, kept until the top's next version arrives.
+    owed: Option<OwedPartial>,
+    /// Uploads for the daemon to send.
+    uploads: Vec<LeafUpload>,
+    /// Losses reported with the updates of the round in progress.
+    losses: Vec<f32>,
 }
 
 /// One line of `metrics.jsonl`: a committed version.
@@ -212,12 +291,14 @@ pub struct Run {
     aggregation: Option<Aggregation>,
     /// Updates in the last aggregation (the next one's expected count).
     last_updates: usize,
+    /// A leaf: client updates in the round whose version it waits for.
+    last_round_updates: usize,
     broadcast: SharedBroadcast,
     store: Store,
     /// Decoded updates waiting for their fold or discard.
-    held: HashMap<TaskId, SharedUpload>,
-    /// Tasks folded into the aggregation in progress.
-    folded: Vec<TaskId>,
+    held: HashMap<TaskId, Contribution>,
+    /// Tasks folded into the aggregation in progress, with their weights.
+    folded: Vec<(TaskId, f64)>,
     /// Every task whose update was acknowledged (resends are acknowledged again, never re-folded).
     accepted: HashSet<TaskId>,
     committed: ModelVersion,
@@ -236,6 +317,8 @@ pub struct Run {
     committed_metrics: Vec<VersionMetrics>,
     /// Split learning: the cut model and its tails.
     split: Option<Arc<SplitRun>>,
+    /// A leaf of a federation: its exchange with the top.
+    leaf: Option<LeafLink>,
 }
 
 /// Decodes an update's payloads (one per part, back to back in `bytes`) for `layout`, checking
@@ -339,10 +422,12 @@ impl Run {
         let head = split.as_ref().map(|s| s.head_dim());
         let broadcast = SharedBroadcast::new(committed, &state.broadcast(), head);
         let finished = store.is_finished()?;
+        let leaf = matches!(config.federation, Some(FederationConfig::Leaf { .. })).then(LeafLink::default);
         let mut run = Self {
             runtime: Runtime::new(config.runtime.clone()).map_err(|e| anyhow::anyhow!("[runtime]: {e}"))?,
             aggregation: None,
             last_updates: 0,
+            last_round_updates: 0,
             metrics_path: run_dir.join("metrics.jsonl"),
             summary_path: run_dir.join("summary.json"),
             config,
@@ -367,6 +452,7 @@ impl Run {
             finished,
             committed_metrics: Vec::new(),
             split,
+            leaf,
         };
         run.restore_metrics();
         run.replay()?;
@@ -564,7 +650,7 @@ impl Run {
             wire_bytes,
             part_bytes,
             hash,
-            parts,
+            contribution,
         } = upload;
         let task = meta.task;
         if self.accepted.contains(&task) {
@@ -601,7 +687,10 @@ impl Run {
         tracing::info!(%task, client = %meta.client, bytes, "update stored");
         self.accepted.insert(task);
         self.bytes_up += bytes;
-        self.held.insert(task, Arc::from(parts));
+        if let Some(leaf) = &mut self.leaf {
+            leaf.losses.push(meta.loss);
+        }
+        self.held.insert(task, contribution);
         let commands = self.coordinator.handle(now, Event::UpdateArrived(meta))?;
         Ok(Offer::Accepted(self.carry_out(commands, false)?))
     }
@@ -669,23 +758,47 @@ impl Run {
     /// it. The first fold of an aggregation opens it, planned for as many updates as the last one
     /// had or as there are tasks running.
     fn fold(&mut self, task: TaskId, weight: f64) -> Result<()> {
-        let parts = match self.held.remove(&task) {
-            Some(parts) => parts,
+        let contribution = match self.held.remove(&task) {
+            Some(contribution) => contribution,
             None => match self.store.pending_update(task)? {
                 Some(pending) => {
                     let bytes = self.store.read_update(&pending)?;
-                    let parts = decode_update(&bytes, &pending.part_bytes, &self.layout())
-                        .map_err(|e| anyhow::anyhow!("stored update {task}: {e}"))?;
-                    Arc::from(parts)
+                    let partial = self.is_top() && shoal_compression::partial::is_partial(&bytes);
+                    decode_contribution(
+                        &bytes,
+                        &pending.part_bytes,
+                        &self.layout(),
+                        self.algorithm.server.upload_parts(),
+                        partial,
+                    )
+                    .map_err(|e| anyhow::anyhow!("stored update {task}: {e}"))?
                 }
                 None => return Ok(()),
             },
         };
-        self.aggregation()?
-            .submit(task.0, parts, weight)
-            .with_context(|| format!("folding {task}"))?;
-        self.folded.push(task);
+        let aggregation = self.aggregation()?;
+        match contribution {
+            Contribution::Upload(parts) => aggregation.submit(task.0, parts, weight),
+            Contribution::Partial(sums) => aggregation.absorb(task.0, sums),
+        }
+        .with_context(|| format!("folding {task}"))?;
+        self.folded.push((task, weight));
         Ok(())
+    }
+
+    /// Vectors per upload of the rule.
+    pub fn upload_parts(&self) -> usize {
+        self.algorithm.server.upload_parts()
+    }
+
+    /// Whether this server is the top of a federation (its leaves upload partial aggregates).
+    pub fn is_top(&self) -> bool {
+        matches!(self.config.federation, Some(FederationConfig::Top { .. }))
+    }
+
+    /// Whether `name` is one of this top's leaves.
+    pub fn is_leaf_name(&self, name: &str) -> bool {
+        matches!(&self.config.federation, Some(FederationConfig::Top { leaves }) if leaves.iter().any(|l| l == name))
     }
 
     /// The aggregation in progress, opened now if this is its first update.
@@ -721,11 +834,21 @@ impl Run {
             .ok_or_else(|| anyhow::anyhow!("no aggregation to finish"))?
             .finish()
             .with_context(|| format!("aggregating {version}"))?;
+        let updates = usize::try_from(merged.count()).unwrap_or(updates);
+        if self.leaf.is_some() {
+            self.last_round_updates = updates;
+            return self.owe_partial(version, &merged);
+        }
         self.algorithm
             .server
             .apply(&mut self.state, &merged, &ctx)
             .with_context(|| format!("applying {version}"))?;
         drop(merged);
+        self.commit(version, updates)
+    }
+
+    /// Commits the state as `version` with the updates folded into it, and records it.
+    fn commit(&mut self, version: ModelVersion, updates: usize) -> Result<()> {
         self.last_updates = updates;
         if let Some(split) = &self.split {
             split.write_shared_tail(&mut self.state.x);
@@ -733,7 +856,13 @@ impl Run {
             let coordinator = &self.coordinator;
             split.retain(|task| coordinator.running_task(task).is_some());
         }
-        let tasks = std::mem::take(&mut self.folded);
+        let folded = std::mem::take(&mut self.folded);
+        if self.config.storage.keep_updates {
+            self.store
+                .keep_folded(version, &folded)
+                .with_context(|| format!("keeping the updates of {version}"))?;
+        }
+        let tasks: Vec<TaskId> = folded.into_iter().map(|(task, _)| task).collect();
         self.updates_folded += tasks.len() as u64;
         self.store
             .commit_version(version, &self.state, self.now(), tasks)
@@ -743,6 +872,125 @@ impl Run {
         let head = self.split.as_ref().map(|s| s.head_dim());
         self.broadcast = SharedBroadcast::new(version, &self.state.broadcast(), head);
         self.record_version(version, updates)
+    }
+
+    /// A leaf's round is aggregated: its partial is owed to the top, and the leaf waits for the
+    /// top's `version` before it commits anything or sends another task.
+    fn owe_partial(&mut self, version: ModelVersion, merged: &Accumulator) -> Result<()> {
+        let sums: Vec<&[f64]> = (0..merged.parts()).map(|p| merged.sum(p)).collect();
+        let bytes = shoal_compression::partial::encode_partial(
+            &sums,
+            merged.total_weight(),
+            merged.count(),
+            &self.layout(),
+        )
+        .context("encoding the partial aggregate")?;
+        let Some(leaf) = self.leaf.as_mut() else {
+            return Ok(());
+        };
+        let losses = std::mem::take(&mut leaf.losses);
+        let owed = OwedPartial {
+            base: self.committed,
+            bytes: Arc::new(bytes),
+            num_samples: merged.total_weight().round() as u64,
+            loss: losses.iter().sum::<f32>() / losses.len().max(1) as f32,
+        };
+        tracing::info!(
+            base = %owed.base,
+            updates = merged.count(),
+            bytes = owed.bytes.len(),
+            "round aggregated: partial owed to the top"
+        );
+        if let Some((task, base)) = leaf.top_task.take()
+            && base == owed.base
+        {
+            leaf.uploads.push(LeafUpload {
+                task,
+                owed: owed.clone(),
+            });
+        }
+        leaf.owed = Some(owed);
+        leaf.awaiting = Some(version);
+        Ok(())
+    }
+
+    /// A leaf: the top gave this leaf `task` on its `version`, whose model is `x`. The first task
+    /// aligns the leaf with the top; a task on the version the leaf waits for commits the top's
+    /// model as that version; a task on the version of the owed partial (after a reconnection or a
+    /// restart) sends the partial again.
+    pub fn top_task(&mut self, task: TaskId, version: ModelVersion, x: Vec<f32>) -> Result<()> {
+        if x.len() != self.layout().len() {
+            bail!(
+                "the top's model has {} parameters, this leaf's {}",
+                x.len(),
+                self.layout().len()
+            );
+        }
+        let committed = self.committed;
+        let Some(leaf) = self.leaf.as_mut() else {
+            bail!("a top task for a server that is not a leaf");
+        };
+        if let Some(owed) = leaf.owed.clone().filter(|o| o.base == version) {
+            tracing::info!(%task, %version, "the top asks for the owed partial");
+            leaf.uploads.push(LeafUpload { task, owed });
+            return Ok(());
+        }
+        match leaf.awaiting {
+            Some(awaiting) if awaiting == version => {
+                leaf.awaiting = None;
+                leaf.owed = None;
+                leaf.top_task = Some((task, version));
+                let updates = self.last_round_updates;
+                self.state.x = x;
+                self.commit(version, updates)
+            }
+            None if version == committed => {
+                leaf.top_task = Some((task, version));
+                if self.state.x != x {
+                    tracing::info!(%version, "adopting the top's model");
+                    self.state.x = x;
+                    let head = self.split.as_ref().map(|s| s.head_dim());
+                    self.broadcast = SharedBroadcast::new(version, &self.state.broadcast(), head);
+                }
+                Ok(())
+            }
+            _ => bail!(
+                "the top is at {version}, this leaf at {committed} (waiting for {:?}): a leaf must deliver \
+                 every round of its top; restart it with a fresh data directory",
+                leaf.awaiting
+            ),
+        }
+    }
+
+    /// A leaf: the top finished the run at `version`. When that version holds this leaf's last
+    /// round, its folded updates are kept for `fl-server audit` (the leaf never receives the final
+    /// model: the top does not send tasks on it).
+    pub fn top_finished(&mut self, version: ModelVersion) -> Result<()> {
+        let last_round = self.leaf.as_ref().is_some_and(|l| l.awaiting == Some(version));
+        if last_round && self.config.storage.keep_updates {
+            self.store
+                .keep_folded(version, &self.folded)
+                .with_context(|| format!("keeping the updates of {version}"))?;
+        }
+        if !self.finished {
+            self.finish()?;
+        }
+        Ok(())
+    }
+
+    /// A leaf: whether tasks must wait (not aligned with the top yet, or waiting for its model).
+    pub fn holds_tasks(&self) -> bool {
+        self.leaf
+            .as_ref()
+            .is_some_and(|l| l.top_task.is_none() || l.awaiting.is_some())
+    }
+
+    /// A leaf: the uploads to send to the top.
+    pub fn take_leaf_uploads(&mut self) -> Vec<LeafUpload> {
+        self.leaf
+            .as_mut()
+            .map(|l| std::mem::take(&mut l.uploads))
+            .unwrap_or_default()
     }
 
     /// The aggregation runtime's figures.
@@ -807,6 +1055,10 @@ impl Run {
     }
 
     fn should_stop(&self, version: ModelVersion) -> bool {
+        if self.leaf.is_some() {
+            // The top decides when the run ends.
+            return false;
+        }
         let rounds = self.config.stop.rounds.is_some_and(|r| version.0 >= r);
         let target = match (self.config.stop.target_accuracy, self.last_accuracy) {
             (Some(t), Some(a)) => a >= t,

@@ -190,6 +190,11 @@ enum Job {
         sent: Instant,
     },
     Partial(Partial),
+    /// A partial aggregate from elsewhere (a leaf fl-server), merged into a leaf like an update.
+    Absorb {
+        tag: u64,
+        sums: Accumulator,
+    },
     Close {
         children: usize,
         parent: Parent,
@@ -400,6 +405,26 @@ impl Node {
         self.received += 1;
     }
 
+    /// Merges a partial aggregate that arrived as an input (not from a child of the tree).
+    fn absorb(&mut self, shared: &Shared, tag: u64, sums: Accumulator) {
+        let started = Instant::now();
+        if let Some(acc) = self.acc.as_mut()
+            && let Err(e) = acc.merge(&sums)
+        {
+            self.error.get_or_insert(RuntimeError::Fold {
+                tag,
+                source: RuleError::Fold(e),
+            });
+        }
+        let c = &shared.counters;
+        shared.count(&c.merge_ns, nanos(started.elapsed()));
+        shared.count(&c.merged_values, (sums.parts() * sums.dim()) as u64);
+        shared.count(&c.merges, 1);
+        shared.count(&c.invocations, 1);
+        c.queued.fetch_sub(1, Ordering::Relaxed);
+        shared.give_buffer(sums);
+    }
+
     /// All inputs are in: the sums and the first error, and where they go.
     fn closed(&mut self) -> Option<(Partial, Parent)> {
         let children = self.close.as_ref()?.0;
@@ -475,6 +500,11 @@ fn instance(shared: Arc<Shared>, id: u64, jobs: Receiver<Job>, own: Sender<Job>,
             Job::Partial(partial) => {
                 if let Some(n) = node.as_mut() {
                     n.merge(&shared, partial);
+                }
+            }
+            Job::Absorb { tag, sums } => {
+                if let Some(n) = node.as_mut() {
+                    n.absorb(&shared, tag, sums);
                 }
             }
             Job::Close { children, parent } => {
@@ -781,6 +811,22 @@ impl Aggregation {
     /// for one. `tag` names the upload in errors.
     pub fn submit(&mut self, tag: u64, upload: SharedUpload, weight: f64) -> Result<(), RuntimeError> {
         let now = Instant::now();
+        self.route(Job::Fold {
+            tag,
+            upload,
+            weight,
+            sent: now,
+        })
+    }
+
+    /// Hands a partial aggregate from elsewhere (a leaf fl-server's sums and total weight) to the
+    /// leaf with the shortest queue, which merges it as it comes.
+    pub fn absorb(&mut self, tag: u64, sums: Accumulator) -> Result<(), RuntimeError> {
+        self.route(Job::Absorb { tag, sums })
+    }
+
+    fn route(&mut self, job: Job) -> Result<(), RuntimeError> {
+        let now = Instant::now();
         if self.wants_leaf() {
             self.add_leaf(None)?;
         }
@@ -796,14 +842,7 @@ impl Aggregation {
         let c = &self.runtime.shared.counters;
         let queued = c.queued.fetch_add(1, Ordering::Relaxed) + 1;
         c.max_queued.fetch_max(queued, Ordering::Relaxed);
-        leaf.jobs
-            .send(Job::Fold {
-                tag,
-                upload,
-                weight,
-                sent: now,
-            })
-            .map_err(|_| RuntimeError::WorkerLost)
+        leaf.jobs.send(job).map_err(|_| RuntimeError::WorkerLost)
     }
 
     /// Closes the aggregation: the leaves finish their queues, the middles and the top (warm
@@ -1073,6 +1112,28 @@ mod tests {
         agg.submit(0, updates[0].0.clone(), updates[0].1).unwrap();
         assert_same_sums(&agg.finish().unwrap(), &flat(&updates[..1], dim));
         assert!(runtime.stats().cold_starts > busy.cold_starts);
+    }
+
+    #[test]
+    fn partials_absorbed_from_other_processes_give_the_flat_sums() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let dim = 500;
+        let updates = uploads(&mut rng, 30, dim);
+        let runtime = Runtime::new(config()).unwrap();
+        // Three "processes": two hold partials of their own share, the third folds the rest here.
+        let mut here = runtime
+            .begin_tree(rule(), 1, dim, TreePlan::balanced(2, 2))
+            .unwrap();
+        for (i, chunk) in updates.chunks(10).enumerate() {
+            if i < 2 {
+                here.absorb(100 + i as u64, flat(chunk, dim)).unwrap();
+            } else {
+                for (tag, (u, w)) in chunk.iter().enumerate() {
+                    here.submit(tag as u64, u.clone(), *w).unwrap();
+                }
+            }
+        }
+        assert_same_sums(&here.finish().unwrap(), &flat(&updates, dim));
     }
 
     #[test]

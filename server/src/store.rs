@@ -59,6 +59,14 @@ pub enum StoreError {
         /// Why.
         source: std::io::Error,
     },
+    /// Kept updates could not be written or read.
+    #[error("kept updates at {path}: {reason}")]
+    Kept {
+        /// The file or directory.
+        path: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// An event as logged (the Coordinator's [`Event`], in a serialisable form).
@@ -113,6 +121,21 @@ pub struct PendingUpdate {
     pub part_bytes: Vec<u64>,
     /// Hash of the file.
     pub hash: u64,
+}
+
+/// One update kept under `folded/VERSION/`: its file, weight and metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeptUpdate {
+    /// File name in the version's directory.
+    pub file: String,
+    /// The weight it was folded with.
+    pub weight: f64,
+    /// Bytes of each encoded part.
+    pub part_bytes: Vec<u64>,
+    /// Hash of the file.
+    pub hash: u64,
+    /// Its metadata.
+    pub meta: UpdateMeta,
 }
 
 /// What the index says about a committed version.
@@ -301,6 +324,65 @@ impl Store {
             let _ = std::fs::remove_file(Self::update_path(&self.dir, *task));
         }
         Ok(())
+    }
+
+    /// Keeps the update files of `folded` (hard links, before the commit removes them) under
+    /// `folded/VERSION/`, with an index of their metadata and weights, for `fl-server audit`.
+    pub fn keep_folded(&self, version: ModelVersion, folded: &[(TaskId, f64)]) -> Result<(), StoreError> {
+        let dir = self.folded_dir(version);
+        let kept_error = |path: &Path, e: &dyn std::fmt::Display| StoreError::Kept {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| kept_error(&dir, &e))?;
+        let mut index = Vec::with_capacity(folded.len());
+        for &(task, weight) in folded {
+            let Some(pending) = self.pending_update(task)? else {
+                continue;
+            };
+            let file = format!("{task}.upd");
+            let kept = dir.join(&file);
+            if !kept.exists() {
+                let source = Self::update_path(&self.dir, task);
+                std::fs::hard_link(&source, &kept)
+                    .or_else(|_| std::fs::copy(&source, &kept).map(|_| ()))
+                    .map_err(|e| kept_error(&kept, &e))?;
+            }
+            index.push(KeptUpdate {
+                file,
+                weight,
+                part_bytes: pending.part_bytes,
+                hash: pending.hash,
+                meta: pending.meta,
+            });
+        }
+        let json = serde_json::to_vec_pretty(&index).map_err(|e| kept_error(&dir, &e))?;
+        files::write_atomic(&dir.join("index.json"), &[&json])?;
+        Ok(())
+    }
+
+    /// Where the kept updates of `version` are.
+    pub fn folded_dir(&self, version: ModelVersion) -> PathBuf {
+        self.dir.join("folded").join(version.0.to_string())
+    }
+
+    /// The kept updates of `version` (see [`Store::keep_folded`]) and their bytes, checked.
+    pub fn kept_updates(&self, version: ModelVersion) -> Result<Vec<(KeptUpdate, Vec<u8>)>, StoreError> {
+        let path = self.folded_dir(version).join("index.json");
+        let kept_error = |e: &dyn std::fmt::Display| StoreError::Kept {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        };
+        let index = std::fs::read(&path).map_err(|e| kept_error(&e))?;
+        let index: Vec<KeptUpdate> = serde_json::from_slice(&index).map_err(|e| kept_error(&e))?;
+        let dir = self.folded_dir(version);
+        index
+            .into_iter()
+            .map(|kept| {
+                let bytes = files::read_checked(&dir.join(&kept.file), kept.hash)?;
+                Ok((kept, bytes))
+            })
+            .collect()
     }
 
     /// Deletes the state files of versions older than the newest `keep` (0 keeps all); their
