@@ -5,10 +5,12 @@
 # runtime and forwards the partial aggregate (f64 sums and total weight, never an average) to the
 # top over mutual-TLS QUIC; the top merges the two partials and applies FedAvg once.
 #
-#   examples/hierarchical-federation.sh [--clients N] [--rounds R] [--out DIR] [--data-dir DATA]
-#                                       [--partition iid|shards|dirichlet:ALPHA] [--bin-dir DIR]
+#   examples/hierarchical-federation.sh [--clients N | --leaf-clients A,B,...] [--rounds R]
+#                                       [--out DIR] [--data-dir DATA] [--bin-dir DIR]
+#                                       [--partition iid|shards|dirichlet:ALPHA]
 #
-# Defaults: 6 clients (3 per leaf), 3 rounds, runs/hierarchical-federation, data from $SHOAL_DATA
+# --leaf-clients gives each leaf its number of clients (one leaf per entry) instead of N split
+# evenly over two leaves. Defaults: 6 clients (3 per leaf), 3 rounds, runs/hierarchical-federation, data from $SHOAL_DATA
 # (a folder holding mnist/, e.g. ../shared/data). Binaries are built in release mode unless
 # --bin-dir names a folder holding fl-server and fl-client. Everything started is stopped on exit.
 #
@@ -20,7 +22,8 @@
 #
 # Writes DIR/summary.json (the fields of local-federation.sh's summary — rounds, initial_accuracy,
 # final_accuracy, bytes_up, bytes_down, wall_time_s, clients, the top's runtime figures — plus
-# leaves and flat_max_abs_diff), DIR/top/ and DIR/leaf-{0,1}/ (data directories) and DIR/logs/.
+# leaves and flat_max_abs_diff), DIR/top/ and DIR/leaf-*/ (data directories), DIR/logs/ (with
+# audit-VERSION.json, the audit of each version).
 set -euo pipefail
 
 clients=6
@@ -32,10 +35,12 @@ bin_dir=
 timeout_s=600
 leaves=2
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
+leaf_clients=
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --clients) clients=$2; shift 2 ;;
+        --leaf-clients) leaf_clients=$2; shift 2 ;;
         --rounds) rounds=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
         --data-dir) data_dir=$2; shift 2 ;;
@@ -47,56 +52,27 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-[[ "$clients" =~ ^[1-9][0-9]*$ ]] && ((clients >= leaves)) || { echo "--clients must be an integer >= $leaves" >&2; exit 2; }
+shares=()
+if [[ -n "$leaf_clients" ]]; then
+    [[ "$leaf_clients" =~ ^[1-9][0-9]*(,[1-9][0-9]*)+$ ]] || { echo "--leaf-clients takes two or more positive counts, e.g. 2,3" >&2; exit 2; }
+    IFS=, read -r -a shares <<< "$leaf_clients"
+    leaves=${#shares[@]}
+    clients=0
+    for n in "${shares[@]}"; do clients=$((clients + n)); done
+else
+    [[ "$clients" =~ ^[1-9][0-9]*$ ]] && ((clients >= leaves)) || { echo "--clients must be an integer >= $leaves" >&2; exit 2; }
+    for ((l = 0; l < leaves; l++)); do shares+=($(( clients / leaves + (l < clients % leaves ? 1 : 0) ))); done
+fi
 [[ "$rounds" =~ ^[1-9][0-9]*$ ]] || { echo "--rounds must be a positive integer" >&2; exit 2; }
-if [[ -z "$data_dir" ]]; then
-    echo "no data: pass --data-dir DIR or set SHOAL_DATA=DIR, where DIR holds mnist/ (in a checkout: ../shared/data)" >&2
-    exit 2
-fi
-if [[ ! -d "$data_dir/mnist" ]]; then
-    echo "$data_dir/mnist is missing: the data root must hold the MNIST IDX files under mnist/" >&2
-    exit 2
-fi
-data_dir=$(cd "$data_dir" && pwd)
+source "$(dirname "$0")/deployment-common.sh"
+require_data "$data_dir"
 
-repo=$(cd "$(dirname "$0")/.." && pwd)
-if [[ -z "$bin_dir" ]]; then
-    echo "building fl-server and fl-client (release)…" >&2
-    (cd "$repo" && cargo build --release --quiet -p shoal-server -p shoal-client)
-    bin_dir="$repo/target/release"
-fi
-server_bin="$bin_dir/fl-server"
-client_bin="$bin_dir/fl-client"
-for b in "$server_bin" "$client_bin"; do
-    [[ -x "$b" ]] || { echo "$b is missing (build it, or drop --bin-dir)" >&2; exit 2; }
-done
+find_binaries "$bin_dir"
 
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 rm -rf "$out/top" "$out"/leaf-* "$out/logs" "$out/summary.json"
 mkdir -p "$out/logs"
-
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# Waits for a server's data directory to name its QUIC address; prints it.
-listening() {
-    local dir=$1 pid=$2 log=$3
-    for _ in $(seq 1 300); do
-        [[ -s "$dir/listening" ]] && { cat "$dir/listening"; return; }
-        kill -0 "$pid" 2>/dev/null || { echo "fl-server exited; see $log" >&2; tail -5 "$log" >&2; exit 1; }
-        sleep 0.1
-    done
-    echo "fl-server did not start listening; see $log" >&2
-    exit 1
-}
 
 # The top: its clients are the leaves (a round is one partial from each), it evaluates every version.
 "$server_bin" init "$out/top" --listen 127.0.0.1:0 --admin 127.0.0.1:0 > "$out/logs/init.log"
@@ -123,7 +99,7 @@ client=0
 leaf_pids=()
 for ((l = 0; l < leaves; l++)); do
     dir="$out/leaf-$l"
-    share=$(( clients / leaves + (l < clients % leaves ? 1 : 0) ))
+    share=${shares[$l]}
     "$server_bin" init "$dir" --listen 127.0.0.1:0 --admin 127.0.0.1:0 >> "$out/logs/init.log"
     sed -i \
         -e "s/^clients_per_round = .*/clients_per_round = $share/" \
@@ -148,15 +124,7 @@ for ((l = 0; l < leaves; l++)); do
     done
 done
 
-deadline=$((SECONDS + timeout_s))
-while kill -0 "$top_pid" 2>/dev/null; do
-    if ((SECONDS > deadline)); then
-        echo "the run did not finish within ${timeout_s} s; see $out/logs/" >&2
-        exit 1
-    fi
-    sleep 0.2
-done
-wait "$top_pid" || { echo "the top fl-server failed; see $out/logs/top.log" >&2; tail -5 "$out/logs/top.log" >&2; exit 1; }
+wait_for_exit "$top_pid" "$timeout_s" "$out/logs/"
 for ((l = 0; l < leaves; l++)); do
     wait "${leaf_pids[$l]}" || { echo "leaf-$l failed; see $out/logs/leaf-$l.log" >&2; tail -5 "$out/logs/leaf-$l.log" >&2; exit 1; }
 done

@@ -54,42 +54,15 @@ done
 [[ "$rounds" =~ ^[1-9][0-9]*$ ]] || { echo "--rounds must be a positive integer" >&2; exit 2; }
 [[ "$pipeline" =~ ^[1-9][0-9]*$ ]] || { echo "--pipeline must be a positive integer" >&2; exit 2; }
 [[ "$local_steps" =~ ^[1-9][0-9]*$ ]] || { echo "--local-steps must be a positive integer" >&2; exit 2; }
-if [[ -z "$data_dir" ]]; then
-    echo "no data: pass --data-dir DIR or set SHOAL_DATA=DIR, where DIR holds mnist/ (in a checkout: ../shared/data)" >&2
-    exit 2
-fi
-if [[ ! -d "$data_dir/mnist" ]]; then
-    echo "$data_dir/mnist is missing: the data root must hold the MNIST IDX files under mnist/" >&2
-    exit 2
-fi
-data_dir=$(cd "$data_dir" && pwd)
+source "$(dirname "$0")/deployment-common.sh"
+require_data "$data_dir"
 
-repo=$(cd "$(dirname "$0")/.." && pwd)
-if [[ -z "$bin_dir" ]]; then
-    echo "building fl-server and fl-client (release)…" >&2
-    (cd "$repo" && cargo build --release --quiet -p shoal-server -p shoal-client)
-    bin_dir="$repo/target/release"
-fi
-server_bin="$bin_dir/fl-server"
-client_bin="$bin_dir/fl-client"
-for b in "$server_bin" "$client_bin"; do
-    [[ -x "$b" ]] || { echo "$b is missing (build it, or drop --bin-dir)" >&2; exit 2; }
-done
+find_binaries "$bin_dir"
 
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 rm -rf "$out/server" "$out/logs" "$out/summary.json"
 mkdir -p "$out/logs"
-
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 # The server listens on free ports the kernel picks; it writes the addresses to server/listening
 # and server/admin-listening (`fl-server status DIR/server` asks the latter while it runs).
@@ -119,13 +92,7 @@ start=$(date +%s.%N)
 SHOAL_DATA="$data_dir" "$server_bin" run "$out/server" > "$out/logs/server.json" 2> "$out/logs/server.log" &
 server_pid=$!
 pids+=("$server_pid")
-for _ in $(seq 1 300); do
-    [[ -s "$out/server/listening" ]] && break
-    kill -0 "$server_pid" 2>/dev/null || { echo "fl-server exited; see $out/logs/server.log" >&2; tail -5 "$out/logs/server.log" >&2; exit 1; }
-    sleep 0.1
-done
-[[ -s "$out/server/listening" ]] || { echo "fl-server did not start listening; see $out/logs/server.log" >&2; exit 1; }
-address=$(cat "$out/server/listening")
+address=$(listening "$out/server" "$server_pid" "$out/logs/server.log")
 echo "fl-server on $address; starting $clients clients" >&2
 
 for ((i = 0; i < clients; i++)); do
@@ -136,15 +103,7 @@ for ((i = 0; i < clients; i++)); do
     pids+=("$!")
 done
 
-deadline=$((SECONDS + timeout_s))
-while kill -0 "$server_pid" 2>/dev/null; do
-    if ((SECONDS > deadline)); then
-        echo "the run did not finish within ${timeout_s} s; see $out/logs/" >&2
-        exit 1
-    fi
-    sleep 0.2
-done
-wait "$server_pid" || { echo "fl-server failed; see $out/logs/server.log" >&2; tail -5 "$out/logs/server.log" >&2; exit 1; }
+wait_for_exit "$server_pid" "$timeout_s" "$out/logs/server.log"
 failed=0
 for pid in "${pids[@]:1}"; do
     wait "$pid" || failed=$((failed + 1))

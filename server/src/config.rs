@@ -398,6 +398,17 @@ scale_up_queue = 2             # a leaf joins when every leaf has this many upda
 # activations = "int8 | zstd(1)" # codec of the activations; gradients = "f32" (or "int8")
 # momentum = 0.0                 # SGD momentum of both sides (learning rate: local_lr)
 # pipeline = 4                   # minibatches a device keeps in flight
+
+# A hierarchical deployment (FedAvg or FedAvgM under sync rounds). On the top, whose clients are
+# leaf fl-servers (issue each a certificate with `fl-server issue-client DIR leaf-a`):
+# [federation]
+# role = "top"
+# leaves = ["leaf-a", "leaf-b"]
+# On a leaf, which accepts its own clients and forwards partial sums to the top:
+# [federation]
+# role = "leaf"
+# top = "10.0.0.5:4433"          # the top's QUIC address
+# identity = "top-identity"      # the directory `issue-client` made on the top (relative: under DIR)
 "#
     )
 }

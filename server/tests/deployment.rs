@@ -3,7 +3,9 @@
 //! aggregation that resumes and aggregates every acknowledged update exactly once, clients
 //! that are refused (no valid certificate) or disconnected (truncated, oversized, corrupted
 //! uploads) while the rounds complete with the others, and split learning: three split clients
-//! with and without pipelining, and bad split streams reset or disconnected.
+//! with and without pipelining, and bad split streams reset or disconnected; and hierarchical
+//! aggregation: a top and two leaf fl-servers whose versions equal the flat aggregation of every
+//! client's update.
 
 // Helpers outside #[test] functions unwrap too: a failure there is the test failing.
 #![allow(clippy::unwrap_used)]
@@ -45,9 +47,15 @@ fn folded_tasks(dir: &Path) -> (Vec<ModelVersion>, BTreeMap<u64, Vec<u64>>) {
 
 /// Runs examples/local-federation.sh with `args` into a fresh folder; its summary.json.
 fn local_federation(args: &[&str]) -> (serde_json::Value, tempfile::TempDir) {
+    run_example("local-federation.sh", args, "logs/server.log")
+}
+
+/// Runs `examples/SCRIPT` with `args` into a fresh folder; its summary.json (on failure, the tail
+/// of `log` under the folder is shown).
+fn run_example(script: &str, args: &[&str], log: &str) -> (serde_json::Value, tempfile::TempDir) {
     let out = tempfile::tempdir().unwrap();
     let status = Command::new("bash")
-        .arg(repo_root().join("examples/local-federation.sh"))
+        .arg(repo_root().join("examples").join(script))
         .args(args)
         .arg("--out")
         .arg(out.path())
@@ -61,16 +69,15 @@ fn local_federation(args: &[&str]) -> (serde_json::Value, tempfile::TempDir) {
         status.status.success(),
         "the example failed:\n{}\n{}",
         String::from_utf8_lossy(&status.stderr),
-        tail(&out.path().join("logs/server.log"))
+        tail(&out.path().join(log))
     );
     let summary =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).unwrap()).unwrap();
     (summary, out)
 }
 
-#[test]
-fn the_local_federation_example_trains_mnist_over_mutual_tls() {
-    let (summary, out) = local_federation(&["--clients", "5", "--rounds", "3", "--timeout", "300"]);
+/// The fields every deployment example's summary.json has.
+fn assert_deployment_summary(summary: &serde_json::Value) {
     for key in [
         "rounds",
         "initial_accuracy",
@@ -78,10 +85,25 @@ fn the_local_federation_example_trains_mnist_over_mutual_tls() {
         "bytes_up",
         "bytes_down",
         "wall_time_s",
+        "clients",
+        "runtime",
     ] {
         assert!(summary.get(key).is_some(), "summary.json lacks {key}: {summary}");
     }
+}
+
+#[test]
+fn the_local_federation_example_trains_mnist_over_mutual_tls() {
+    let (summary, out) = local_federation(&["--clients", "5", "--rounds", "3", "--timeout", "300"]);
+    assert_deployment_summary(&summary);
     assert_eq!(summary["rounds"], 3);
+    // The runtime folded the 15 updates in three aggregations and reused warm instances.
+    let runtime = &summary["runtime"];
+    assert_eq!(
+        (runtime["folds"].as_u64(), runtime["aggregations"].as_u64()),
+        (Some(15), Some(3))
+    );
+    assert!(runtime["warm_reuses"].as_u64().unwrap() > 0, "{runtime}");
     let initial = summary["initial_accuracy"].as_f64().unwrap();
     let last = summary["final_accuracy"].as_f64().unwrap();
     assert!(last > initial + 0.5 && last > 0.85, "accuracy {initial} → {last}");
@@ -101,6 +123,55 @@ fn the_local_federation_example_trains_mnist_over_mutual_tls() {
     assert!(tasks.values().all(|v| v.len() == 1));
     // Every client exited cleanly when the run finished.
     for i in 0..5 {
+        let log = std::fs::read_to_string(out.path().join(format!("logs/client-{i}.log"))).unwrap();
+        assert!(log.contains("the run is finished"), "client {i}:\n{log}");
+    }
+}
+
+#[test]
+fn hierarchical_aggregation_across_three_processes_equals_flat_aggregation() {
+    // A random tree: a top and two leaf fl-servers with 1–3 clients each.
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let shares: Vec<usize> = (0..2).map(|_| rng.random_range(1..=3)).collect();
+    let clients: usize = shares.iter().sum();
+    let arg = format!("{},{}", shares[0], shares[1]);
+    let (summary, out) = run_example(
+        "hierarchical-federation.sh",
+        &["--leaf-clients", &arg, "--rounds", "2", "--timeout", "300"],
+        "logs/top.log",
+    );
+    // The same summary as a flat deployment's, and the tree's shape.
+    assert_deployment_summary(&summary);
+    assert_eq!(summary["rounds"], 2);
+    assert_eq!(summary["clients"], clients as u64);
+    assert_eq!(summary["leaves"], 2);
+    let initial = summary["initial_accuracy"].as_f64().unwrap();
+    let last = summary["final_accuracy"].as_f64().unwrap();
+    assert!(last > initial + 0.4, "accuracy {initial} → {last}");
+    // Each version: every client's update folded flat equals what the top committed, and the f64
+    // sums the top merged from the two partials equal the flat sums.
+    for v in 1..=2 {
+        let audit: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.path().join(format!("logs/audit-{v}.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(audit["ok"], true, "{audit}");
+        assert_eq!(audit["updates"], clients as u64, "{audit}");
+        assert!(audit["max_abs_diff"].as_f64().unwrap() <= 1e-6, "{audit}");
+        assert!(audit["sums_max_rel_diff"].as_f64().unwrap() <= 1e-9, "{audit}");
+    }
+    assert!(summary["flat_max_abs_diff"].as_f64().unwrap() <= 1e-6);
+    // The top merged two partials per round on its runtime and folded no client update itself.
+    assert_eq!(summary["runtime"]["merges"], 4, "{summary}");
+    assert_eq!(summary["runtime"]["folds"], 0, "{summary}");
+    // Each leaf folded its own clients' updates, and every client exited when the run finished.
+    for (l, share) in shares.iter().enumerate() {
+        let kept = out.path().join(format!("leaf-{l}/state/folded/1/index.json"));
+        let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(kept).unwrap()).unwrap();
+        assert_eq!(index.as_array().unwrap().len(), *share);
+    }
+    for i in 0..clients {
         let log = std::fs::read_to_string(out.path().join(format!("logs/client-{i}.log"))).unwrap();
         assert!(log.contains("the run is finished"), "client {i}:\n{log}");
     }
