@@ -459,6 +459,12 @@ fn bad_clients_are_refused_or_disconnected_and_the_rounds_complete_without_them(
             (0, 0, false)
         );
         assert_eq!(status.target_rounds, Some(3));
+        // The runtime's figures: nothing aggregated yet, no instance started.
+        let runtime = status.runtime.unwrap();
+        assert_eq!(
+            (runtime.aggregations, runtime.instances, runtime.queue_depth),
+            (0, 0, 0)
+        );
         assert!(admin.pause(PauseRequest {}).await.unwrap().into_inner().paused);
         assert!(!admin.resume(PauseRequest {}).await.unwrap().into_inner().paused);
         let mut chunks = admin
