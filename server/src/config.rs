@@ -388,17 +388,6 @@ leaves_per_middle = 4          # leaves one middle merges
 keep_alive_s = 60              # an idle worker stays warm this long, then retires
 scale_up_queue = 2             # a leaf joins when every leaf has this many updates waiting
 
-# Split learning (SplitFed): devices run the head of the model and send the activations at the
-# cut; this server runs the tail and returns the gradient. The rule must be fedavg (server_lr 1)
-# and the scheduler sync. Uncomment to enable:
-# [split]
-# cut = "pool1"                  # the layer after which the model is cut (cnn: its first conv block)
-# bottleneck = {{ channels = 4 }}  # a learned 1×1-convolution bottleneck at the cut
-# variant = "v1"                 # v1: a tail per client, averaged; v2: one tail, clients in turn
-# activations = "int8 | zstd(1)" # codec of the activations; gradients = "f32" (or "int8")
-# momentum = 0.0                 # SGD momentum of both sides (learning rate: local_lr)
-# pipeline = 4                   # minibatches a device keeps in flight
-
 # A hierarchical deployment (FedAvg or FedAvgM under sync rounds). On the top, whose clients are
 # leaf fl-servers (issue each a certificate with `fl-server issue-client DIR leaf-a`):
 # [federation]
@@ -409,6 +398,17 @@ scale_up_queue = 2             # a leaf joins when every leaf has this many upda
 # role = "leaf"
 # top = "10.0.0.5:4433"          # the top's QUIC address
 # identity = "top-identity"      # the directory `issue-client` made on the top (relative: under DIR)
+
+# Split learning (SplitFed): devices run the head of the model and send the activations at the
+# cut; this server runs the tail and returns the gradient. The rule must be fedavg (server_lr 1)
+# and the scheduler sync. Uncomment to enable:
+# [split]
+# cut = "pool1"                  # the layer after which the model is cut (cnn: its first conv block)
+# bottleneck = {{ channels = 4 }}  # a learned 1×1-convolution bottleneck at the cut
+# variant = "v1"                 # v1: a tail per client, averaged; v2: one tail, clients in turn
+# activations = "int8 | zstd(1)" # codec of the activations; gradients = "f32" (or "int8")
+# momentum = 0.0                 # SGD momentum of both sides (learning rate: local_lr)
+# pipeline = 4                   # minibatches a device keeps in flight
 "#
     )
 }
@@ -434,6 +434,22 @@ mod tests {
     }
 
     #[test]
+    fn the_templates_commented_split_table_enables_a_valid_split_run() {
+        // What examples/local-federation.sh --split does: uncomment from `# [split]` to the end.
+        let base = template(default_listen(), default_admin());
+        let at = base.find("# [split]").unwrap();
+        let tail: String = base[at..]
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let split = format!("{}{tail}", &base[..at]).replace("name = \"mlp\"", "name = \"cnn\"");
+        let config: ServerConfig = toml::from_str(&split).unwrap();
+        assert!(config.split.is_some() && config.federation.is_none());
+        config.validate().unwrap();
+    }
+
+    #[test]
     fn bad_configurations_are_refused_with_the_reason() {
         let base = template(default_listen(), default_admin());
         let no_stop = base.replace("rounds = 3", "");
@@ -441,5 +457,24 @@ mod tests {
         assert!(config.validate().unwrap_err().to_string().contains("[stop]"));
         let typo = base.replace("[storage]", "[storage]\nkeep_verisons = 2");
         assert!(toml::from_str::<ServerConfig>(&typo).is_err());
+        // Federations: a top names its leaves; only rules whose sums merge across servers.
+        let top = format!("{base}\n[federation]\nrole = \"top\"\nleaves = []\n");
+        let config: ServerConfig = toml::from_str(&top).unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("leaves"));
+        let leaf = format!(
+            "{}\n[federation]\nrole = \"leaf\"\ntop = \"127.0.0.1:4433\"\nidentity = \"id\"\n",
+            base.replace("rule = \"fedavg\"", "rule = \"scaffold\"")
+        );
+        let config: ServerConfig = toml::from_str(&leaf).unwrap();
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("fedavg or fedavgm")
+        );
+        let runtime = base.replace("scale_up_queue = 2", "scale_up_queue = 0");
+        let config: ServerConfig = toml::from_str(&runtime).unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("[runtime]"));
     }
 }
