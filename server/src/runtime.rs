@@ -1069,7 +1069,7 @@ mod tests {
     #[test]
     fn the_pool_grows_under_a_burst_and_shrinks_when_idle() {
         let runtime = Runtime::new(RuntimeConfig {
-            keep_alive_s: 0.2,
+            keep_alive_s: 0.5,
             max_leaves: 4,
             ..config()
         })
@@ -1094,7 +1094,8 @@ mod tests {
         let busy = runtime.stats();
         assert!(busy.max_queue_depth >= 2);
         assert_eq!(busy.instances, busy.idle);
-        assert!(busy.instances > 2);
+        // (On a stalled machine some may already have retired since the aggregation ended.)
+        assert!(busy.instances + busy.retired as usize > 2);
         // Idle past the keep-alive: every instance retires and its memory with it.
         let deadline = Instant::now() + Duration::from_secs(20);
         while runtime.stats().instances > 0 && Instant::now() < deadline {
@@ -1102,7 +1103,7 @@ mod tests {
         }
         let idle = runtime.stats();
         assert_eq!(idle.instances, 0, "instances retire after their keep-alive");
-        assert_eq!(idle.retired, busy.instances as u64);
+        assert_eq!(idle.retired, busy.retired + busy.instances as u64);
         assert!(
             runtime.shared.lock().stash.is_empty(),
             "warm accumulators are released"
