@@ -194,6 +194,10 @@ pub struct AlgorithmConfig {
     /// Failed tasks in a row after which a client is evicted (0: never).
     #[serde(default = "default_evict_after_failures")]
     pub evict_after_failures: u32,
+    /// The most training samples a client may declare; a larger declaration counts as this many
+    /// (a device's count is its own claim, and the default weights follow it).
+    #[serde(default = "default_max_samples_per_client")]
+    pub max_samples_per_client: u64,
     /// The method.
     pub rule: RuleConfig,
     /// When and with what weights it aggregates.
@@ -210,6 +214,10 @@ fn default_local_lr() -> f32 {
 fn default_evict_after_failures() -> u32 {
     3
 }
+/// 10⁹ samples: more than any single device holds, and 10⁶ such clients still sum within u64.
+fn default_max_samples_per_client() -> u64 {
+    1_000_000_000
+}
 
 impl AlgorithmConfig {
     /// The rule under the scheduler, with defaults for everything else.
@@ -218,6 +226,7 @@ impl AlgorithmConfig {
             local_steps: default_local_steps(),
             local_lr: default_local_lr(),
             evict_after_failures: default_evict_after_failures(),
+            max_samples_per_client: default_max_samples_per_client(),
             rule,
             scheduler,
         }
@@ -246,13 +255,20 @@ impl AlgorithmConfig {
                 format!("local_lr must be a positive number, got {}", self.local_lr),
             ));
         }
+        if self.max_samples_per_client == 0 {
+            return Err(ConfigError::new(
+                "`[algorithm]`",
+                "max_samples_per_client must be at least 1",
+            ));
+        }
         let algorithm = self.rule.build()?;
         let aggregation = algorithm.server.aggregation();
         check_pairing(self.rule.name(), aggregation, &self.scheduler)?;
         let scheduler = self.scheduler.build(aggregation, self.local_steps)?;
         Ok((
             algorithm,
-            Coordinator::new(scheduler, seed, self.evict_after_failures),
+            Coordinator::new(scheduler, seed, self.evict_after_failures)
+                .with_sample_cap(self.max_samples_per_client),
         ))
     }
 }
@@ -362,7 +378,10 @@ impl RuleConfig {
                 global_step,
                 variance_reduced,
             } => (
-                Box::new(FedAvgMomentumServer { global_step }),
+                Box::new(FedAvgMomentumServer {
+                    global_step,
+                    variance_reduced,
+                }),
                 Box::new(FedAvgMomentumClient {
                     beta,
                     variance_reduced,
@@ -382,6 +401,7 @@ impl RuleConfig {
                     beta,
                     global_step,
                     uplink,
+                    variance_reduced,
                 }),
                 Box::new(ScaffoldMomentumClient {
                     beta,

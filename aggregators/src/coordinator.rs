@@ -26,7 +26,8 @@ use thiserror::Error;
 /// Something that happened, as the driver reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// A client is available for work. Its number of training samples weights its updates. A
+    /// A client is available for work. Its number of training samples (counted as at most
+    /// `[algorithm] max_samples_per_client`) weights its updates. A
     /// client that is already registered (a reconnection) only updates its sample count.
     Joined {
         /// The client.
@@ -271,6 +272,8 @@ pub struct Core {
     rng: StdRng,
     stats: CoordinatorStats,
     evict_after_failures: u32,
+    /// The most samples a client's declaration counts for.
+    max_samples_per_client: u64,
     out: Vec<Command>,
 }
 
@@ -290,6 +293,7 @@ impl Core {
             rng: StdRng::seed_from_u64(seed),
             stats: CoordinatorStats::default(),
             evict_after_failures,
+            max_samples_per_client: u64::MAX,
             out: Vec::new(),
         }
     }
@@ -457,7 +461,7 @@ impl Core {
         let record = self.clients.get(&client)?;
         let lost = record.task.and_then(|t| self.fail_running(t));
         if let Some(removed) = self.clients.remove(&client) {
-            self.total_samples -= removed.num_samples;
+            self.total_samples = self.total_samples.saturating_sub(removed.num_samples);
         }
         self.idle.remove(client);
         lost
@@ -481,6 +485,12 @@ impl Coordinator {
         }
     }
 
+    /// Counts a client's declared samples as at most `cap` (see `[algorithm] max_samples_per_client`).
+    pub(crate) fn with_sample_cap(mut self, cap: u64) -> Self {
+        self.core.max_samples_per_client = cap.max(1);
+        self
+    }
+
     /// Handles one event at `now` and returns the commands to carry out, in order.
     pub fn handle(&mut self, now: Timestamp, event: Event) -> Result<Vec<Command>, CoordinatorError> {
         if now < self.core.now {
@@ -494,11 +504,15 @@ impl Coordinator {
         let core = &mut self.core;
         match event {
             Event::Joined { client, num_samples } => {
+                let num_samples = num_samples.min(core.max_samples_per_client);
                 if let Some(record) = core.clients.get_mut(&client) {
-                    core.total_samples = core.total_samples - record.num_samples + num_samples;
+                    core.total_samples = core
+                        .total_samples
+                        .saturating_sub(record.num_samples)
+                        .saturating_add(num_samples);
                     record.num_samples = num_samples;
                 } else {
-                    core.total_samples += num_samples;
+                    core.total_samples = core.total_samples.saturating_add(num_samples);
                     core.idle.insert(client);
                     core.clients.insert(
                         client,
@@ -517,7 +531,8 @@ impl Coordinator {
                 let lost = core.remove_client(client);
                 self.scheduler.on_left(core, client, lost);
             }
-            Event::UpdateArrived(meta) => {
+            Event::UpdateArrived(mut meta) => {
+                meta.num_samples = meta.num_samples.min(core.max_samples_per_client);
                 if let Some(record) = core.running.remove(&meta.task) {
                     if let Some(c) = core.clients.get_mut(&record.client) {
                         c.task = None;
@@ -596,6 +611,11 @@ impl Coordinator {
     /// The current global version.
     pub fn version(&self) -> ModelVersion {
         self.core.version
+    }
+
+    /// Training samples of all registered clients (each counted up to the cap).
+    pub fn total_samples(&self) -> u64 {
+        self.core.total_samples
     }
 
     /// The earliest time the Coordinator asked to be woken at, if any.

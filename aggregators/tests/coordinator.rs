@@ -145,6 +145,7 @@ fn scheduler_for(kind: u8, clients: usize) -> (RuleConfig, SchedulerConfig) {
             SchedulerConfig::FedFix(FedFixConfig {
                 period_s: 0.02,
                 weighting: Weighting::Uniform,
+                advance_empty_windows: false,
             }),
         ),
         _ => (
@@ -510,4 +511,51 @@ fn the_algorithm_table_reads_from_toml_and_bad_parameters_say_which() {
         assert!(err.to_string().contains(why), "{err}");
     }
     assert!(toml::from_str::<SchedulerConfig>("scheduler = \"fedbuff\"\nbufer_size = 3").is_err());
+}
+
+/// A client's sample count is its own claim: a declaration past `max_samples_per_client` counts
+/// as the cap, and no declaration overflows the running total.
+#[test]
+fn a_clients_declared_samples_are_capped_and_the_total_cannot_overflow() {
+    let config = AlgorithmConfig {
+        max_samples_per_client: 1_000,
+        ..fedbuff()
+    };
+    let (_, mut coordinator) = config.build(1).expect("valid");
+    let mut now = Timestamp::ZERO;
+    for (client, num_samples) in [(1, 100), (2, 1_000_000_000_000), (3, u64::MAX)] {
+        now = now.after_micros(1);
+        coordinator
+            .handle(
+                now,
+                Event::Joined {
+                    client: ClientId(client),
+                    num_samples,
+                },
+            )
+            .expect("a join");
+    }
+    assert_eq!(coordinator.total_samples(), 100 + 1_000 + 1_000);
+    assert_eq!(
+        coordinator.client(ClientId(3)).map(|c| c.num_samples),
+        Some(1_000)
+    );
+    // Without a cap the total saturates instead of wrapping.
+    let uncapped = AlgorithmConfig {
+        max_samples_per_client: u64::MAX,
+        ..fedbuff()
+    };
+    let (_, mut coordinator) = uncapped.build(1).expect("valid");
+    for client in [1, 2] {
+        coordinator
+            .handle(
+                Timestamp::ZERO,
+                Event::Joined {
+                    client: ClientId(client),
+                    num_samples: u64::MAX,
+                },
+            )
+            .expect("a join");
+    }
+    assert_eq!(coordinator.total_samples(), u64::MAX);
 }

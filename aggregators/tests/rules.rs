@@ -661,3 +661,63 @@ fn fedasync_mixing_bounds() {
     );
     assert_eq!(state, before);
 }
+
+/// The previous model is kept and broadcast only by the variance-reduced momentum forms: the
+/// others would send (and store) a whole extra model for nothing.
+#[test]
+fn only_variance_reduced_momentum_broadcasts_the_previous_model() {
+    let p = problem();
+    for (name, variance_reduced) in [
+        ("fedavg-m", false),
+        ("fedavg-m", true),
+        ("scaffold-m", false),
+        ("scaffold-m", true),
+    ] {
+        let rule = if name == "fedavg-m" {
+            RuleConfig::FedAvgMomentum {
+                beta: 0.5,
+                global_step: 0.1,
+                variance_reduced,
+            }
+        } else {
+            RuleConfig::ScaffoldMomentum {
+                beta: 0.5,
+                global_step: 0.1,
+                uplink: Uplink::TwoVectors,
+                variance_reduced,
+            }
+        };
+        let Algorithm { server, .. } = rule.build().unwrap();
+        let mut state = server.init_state(vec![0.0; p.dim()]);
+        assert_eq!(
+            state.broadcast().x_prev.is_some(),
+            variance_reduced,
+            "{name} at start"
+        );
+        let mut acc = server.accumulator(p.dim());
+        let ones = vec![1.0f32; p.dim()];
+        let upload: Vec<&[f32]> = (0..server.upload_parts()).map(|_| ones.as_slice()).collect();
+        server.fold(&mut acc, &upload, 1.0).unwrap();
+        let ctx = ApplyContext {
+            num_clients: 1,
+            task: LocalTask {
+                local_steps: 1,
+                lr: 0.1,
+            },
+        };
+        let before = state.x.clone();
+        server.apply(&mut state, &acc, &ctx).unwrap();
+        assert_eq!(
+            state.broadcast().x_prev.is_some(),
+            variance_reduced,
+            "{name} after a round"
+        );
+        if variance_reduced {
+            assert_eq!(
+                state.x_prev.as_deref(),
+                Some(before.as_slice()),
+                "{name}: x_prev is the last model"
+            );
+        }
+    }
+}

@@ -134,6 +134,7 @@ fn fedfix_with_a_period_past_the_slowest_job_is_synchronous_fedavg() {
     let scheduler = SchedulerConfig::FedFix(FedFixConfig {
         period_s: slowest_job_s,
         weighting: Weighting::Samples,
+        advance_empty_windows: false,
     });
     let mut driver = Driver::new(
         config(RuleConfig::FedFix { server_lr: 1.0 }, scheduler),
@@ -173,6 +174,8 @@ fn fedfix_staleness_and_long_run_weights_follow_the_windows_a_job_spans() {
     let scheduler = SchedulerConfig::FedFix(FedFixConfig {
         period_s: 0.010,
         weighting: Weighting::Samples,
+        // The reference's versions: one per instant, so staleness counts windows.
+        advance_empty_windows: true,
     });
     let mut driver = Driver::new(
         config(RuleConfig::FedFix { server_lr: 1.0 }, scheduler),
@@ -206,6 +209,38 @@ fn fedfix_staleness_and_long_run_weights_follow_the_windows_a_job_spans() {
     // Aggregations happen exactly every Δt.
     for (k, &(at, _, _)) in driver.log.aggregations.iter().enumerate() {
         assert_eq!(at, Timestamp::from_micros(10_000 * (k as u64 + 1)));
+    }
+}
+
+/// Empty windows make no version: a client whose job spans three windows is folded into every
+/// version, each version holds an update, and every update is folded with staleness 0 — while the
+/// weights (which follow the job's duration) are those of the reference's schedule.
+#[test]
+fn fedfix_skips_empty_windows() {
+    let samples = vec![10u64];
+    let scheduler = SchedulerConfig::FedFix(FedFixConfig {
+        period_s: 0.010,
+        weighting: Weighting::Samples,
+        advance_empty_windows: false,
+    });
+    // A 25 ms job spans three 10 ms windows; two of every three are empty.
+    let mut driver = Driver::new(
+        config(RuleConfig::FedFix { server_lr: 1.0 }, scheduler),
+        1,
+        samples,
+        Box::new(|_, _| 2500),
+    );
+    driver.join(0);
+    driver.run(Timestamp::from_secs_f64(10.0), 10);
+    assert_eq!(driver.log.aggregations.len(), 10);
+    for &(at, version, updates) in &driver.log.aggregations {
+        assert_eq!(updates, 1, "{version} at {at}");
+        // Made at the instant that closes the job's third window: 30, 60, 90 ms, …
+        assert_eq!(at.as_micros() % 30_000, 0, "{version} at {at}");
+    }
+    for (task, &(_, weight, staleness)) in &driver.log.folds {
+        assert_eq!(staleness, 0, "{task}");
+        assert!((weight - 3.0).abs() < 1e-12, "{task}: weight {weight}");
     }
 }
 

@@ -1,11 +1,12 @@
 //! What a device computes for one task: the method's client rule on its local data from the
-//! broadcast it received, and the encoded payloads of what the rule uploads — the same code path
-//! fl-sim runs for a simulated device.
+//! broadcast it received, and the encoded payloads of what the rule uploads, through the engine's
+//! `run_task` — the code fl-sim runs for a simulated device.
 
 use anyhow::{Context, Result, ensure};
 use shoal_aggregators::{Broadcast, ClientRule, ClientState, LocalTask, RuleConfig};
-use shoal_compression::{CodecCompressor, CodecSpec};
+use shoal_compression::CodecSpec;
 use shoal_core::{ClientId, ModelVersion, TaskId, UpdateMeta};
+use shoal_engine::{DeviceTask, run_task};
 use shoal_model::split::SplitModel;
 use shoal_model::{Model, ModelOracle};
 use shoal_net::protocol::RunDescription;
@@ -130,9 +131,9 @@ impl Trainer {
         self.batch_size
     }
 
-    /// The seed of one task's minibatches and random codec stages.
+    /// The seed of one task's minibatches and random codec stages (the engine's, as in fl-sim).
     pub fn task_seed(&self, task: TaskId) -> u64 {
-        self.seed ^ task.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        shoal_engine::task_seed(self.seed, task)
     }
 
     /// The metadata of an update of `spec` computed since `started`.
@@ -181,31 +182,23 @@ impl Trainer {
             self.batch_size,
             seed,
         );
-        let mut compressor = CodecCompressor::new(codec, self.model.layout().clone(), seed).recording();
         let mut state = state.clone();
-        let task = LocalTask {
-            local_steps: spec.local_steps,
-            lr: spec.lr,
+        let layout = self.model.layout().clone();
+        let task = DeviceTask {
+            rule: self.rule.as_ref(),
+            local: LocalTask {
+                local_steps: spec.local_steps,
+                lr: spec.lr,
+            },
+            broadcast,
+            codec: &codec,
+            layout: &layout,
+            seed,
         };
-        let upload = self
-            .rule
-            .train(&task, broadcast, &mut state, &mut oracle, &mut compressor)
-            .context("local training")?;
-        let recorded = compressor.take_recorded();
-        let parts = if !recorded.is_empty() && recorded.len() == upload.parts.len() {
-            // The rule compressed its upload itself: send exactly those payloads.
-            recorded
-        } else {
-            upload
-                .parts
-                .iter()
-                .map(|part| compressor.encode(part))
-                .collect::<Result<Vec<_>, _>>()
-                .context("encoding the update")?
-        };
+        let update = run_task(&task, &mut state, &mut oracle).context("local training")?;
         Ok(EncodedUpdate {
-            meta: self.meta(spec, upload.local_steps, upload.mean_loss, started),
-            parts,
+            meta: self.meta(spec, update.local_steps, update.mean_loss, started),
+            parts: update.payloads,
             next_state: state,
         })
     }

@@ -1,6 +1,6 @@
 //! The core [`Compressor`] trait implemented by the codec chain, so client rules (SCALLION, SCAFCOM,
 //! error feedback) compress with real codecs: `C(v)` is exactly what a server decodes from the
-//! payload, and the payload's size is kept for accounting.
+//! payload (`shoal-engine` records the payloads a rule produced, to send exactly those).
 
 use crate::payload::{self, DecodeLimits};
 use crate::spec::CodecSpec;
@@ -14,9 +14,6 @@ pub struct CodecCompressor {
     layout: Arc<Layout>,
     seed: u64,
     calls: u64,
-    last_payload_bytes: usize,
-    /// Payloads of `compress` calls, kept when recording (what a device then sends).
-    recorded: Option<Vec<Vec<u8>>>,
 }
 
 impl CodecCompressor {
@@ -28,26 +25,12 @@ impl CodecCompressor {
             layout,
             seed,
             calls: 0,
-            last_payload_bytes: 0,
-            recorded: None,
         }
     }
 
-    /// Keeps the payload of every [`Compressor::compress`] call, so a rule that compresses its own
-    /// upload (SCALLION, SCAFCOM) can send exactly the bytes whose decoding it used.
-    pub fn recording(mut self) -> Self {
-        self.recorded = Some(Vec::new());
-        self
-    }
-
-    /// The payloads recorded since the last call, oldest first.
-    pub fn take_recorded(&mut self) -> Vec<Vec<u8>> {
-        self.recorded.as_mut().map(std::mem::take).unwrap_or_default()
-    }
-
-    /// Bytes of the payload the last call produced.
-    pub fn last_payload_bytes(&self) -> usize {
-        self.last_payload_bytes
+    /// The layout the chain encodes against.
+    pub fn layout(&self) -> &Arc<Layout> {
+        &self.layout
     }
 
     /// Encodes `v` as a payload without changing it.
@@ -61,7 +44,6 @@ impl CodecCompressor {
             crate::CodecError::Length { expected, actual } => CompressError::Length { expected, actual },
             other => CompressError::Other(other.to_string()),
         })?;
-        self.last_payload_bytes = bytes.len();
         Ok(bytes)
     }
 }
@@ -71,9 +53,6 @@ impl Compressor for CodecCompressor {
         let bytes = self.encode(v)?;
         payload::decode_into(&bytes, &self.layout, &DecodeLimits::for_dim(v.len()), v)
             .map_err(|e| CompressError::Other(format!("own payload failed to decode: {e}")))?;
-        if let Some(recorded) = self.recorded.as_mut() {
-            recorded.push(bytes);
-        }
         Ok(())
     }
 

@@ -255,6 +255,8 @@ impl ServerConfig {
 
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<()> {
+        // The engine's check of the codec against the rule: the same in fl-sim and fl-server.
+        shoal_engine::check_codec(&self.algorithm.rule, &self.codec)?;
         ensure!(
             self.stop.rounds.is_some() || self.stop.target_accuracy.is_some(),
             "[stop] needs `rounds` or `target_accuracy`"
@@ -455,6 +457,16 @@ mod tests {
         let no_stop = base.replace("rounds = 3", "");
         let config: ServerConfig = toml::from_str(&no_stop).unwrap();
         assert!(config.validate().unwrap_err().to_string().contains("[stop]"));
+        // The engine's codec–rule check, as fl-sim makes it: SCAFFOLD with a lossy codec.
+        let lossy = base
+            .replace("codec = \"identity\"", "codec = \"topk(0.1)\"")
+            .replace("rule = \"fedavg\"", "rule = \"scaffold\"");
+        let config: ServerConfig = toml::from_str(&lossy).unwrap();
+        let e = config.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("scaffold") && e.contains("topk(0.1)") && e.contains("lossless"),
+            "{e}"
+        );
         let typo = base.replace("[storage]", "[storage]\nkeep_verisons = 2");
         assert!(toml::from_str::<ServerConfig>(&typo).is_err());
         // Federations: a top names its leaves; only rules whose sums merge across servers.

@@ -63,6 +63,9 @@ pub enum SimError {
     /// Split training failed.
     #[error("split learning: {0}")]
     Split(#[from] shoal_split::SplitError),
+    /// A device's task failed (its rule, or encoding its upload).
+    #[error("device: {0}")]
+    Device(#[from] shoal_engine::DeviceError),
     /// A task the workload does not know.
     #[error("the workload has no {0}")]
     UnknownTask(TaskId),
@@ -225,14 +228,7 @@ struct SplitServer {
     steps: HashMap<TaskId, SplitSteps>,
 }
 
-/// A seed for anything random about one task, from the run seed and the task id.
-pub(crate) fn task_seed(seed: u64, task: TaskId) -> u64 {
-    // SplitMix64 finaliser: neighbouring task ids get unrelated seeds.
-    let mut z = seed ^ task.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+pub(crate) use shoal_engine::task_seed;
 
 /// The engine over a fleet and a workload.
 pub struct Engine<W> {

@@ -210,6 +210,8 @@ impl ExperimentConfig {
 
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<()> {
+        // The engine's check of the codec against the rule: the same in fl-sim and fl-server.
+        shoal_engine::check_codec(&self.algorithm.rule, &self.codec)?;
         ensure!(
             self.stop.rounds.is_some() || self.stop.time_s.is_some(),
             "[stop] needs `rounds` or `time_s` (a target accuracy alone may never be reached)"

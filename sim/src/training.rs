@@ -10,39 +10,19 @@
 //! A client's persistent state (control variates, momentum) moves only when its upload is
 //! delivered; a cancelled or lost task leaves it as it was.
 
-use crate::engine::{Finished, SimError, Workload, task_seed};
+use crate::engine::{Finished, SimError, Workload};
 use rayon::prelude::*;
 use shoal_aggregators::{
     Accumulator, Algorithm, AlgorithmConfig, ApplyContext, Broadcast, ClientState, ServerState,
 };
-use shoal_compression::{CodecCompressor, CodecSpec, DecodeLimits};
-use shoal_core::{CompressError, Compressor, Layout, TaskId};
+use shoal_compression::{CodecCompressor, CodecSpec};
+use shoal_core::{Layout, TaskId};
+use shoal_engine::{DeviceTask, run_task, task_seed};
 use shoal_model::data::Dataset;
 use shoal_model::train::{Evaluation, evaluate};
 use shoal_model::{Model, ModelOracle};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-
-/// A [`CodecCompressor`] that counts the payload bytes of every call, for rules that compress
-/// their own uploads (SCALLION, SCAFCOM): what they upload is exactly those payloads.
-struct MeteredCompressor {
-    inner: CodecCompressor,
-    calls: u32,
-    bytes: u64,
-}
-
-impl Compressor for MeteredCompressor {
-    fn compress(&mut self, v: &mut [f32]) -> Result<(), CompressError> {
-        self.inner.compress(v)?;
-        self.calls += 1;
-        self.bytes += self.inner.last_payload_bytes() as u64;
-        Ok(())
-    }
-
-    fn is_unbiased(&self) -> bool {
-        self.inner.is_unbiased()
-    }
-}
 
 /// A started task waiting to be computed.
 struct Started {
@@ -85,37 +65,20 @@ impl Shared {
             seed,
         );
         let mut state = started.state;
-        let mut compressor = MeteredCompressor {
-            inner: CodecCompressor::new(self.codec.clone(), self.layout.clone(), seed),
-            calls: 0,
-            bytes: 0,
+        let device = DeviceTask {
+            rule: self.algorithm.client.as_ref(),
+            local: self.config.local_task(started.local_steps),
+            broadcast: &started.broadcast,
+            codec: &self.codec,
+            layout: &self.layout,
+            seed,
         };
-        let upload = self.algorithm.client.train(
-            &self.config.local_task(started.local_steps),
-            &started.broadcast,
-            &mut state,
-            &mut oracle,
-            &mut compressor,
-        )?;
-        let (parts, bytes) = if compressor.calls > 0 {
-            // The rule compressed its upload itself: the parts are what the server decodes.
-            (upload.parts, compressor.bytes)
-        } else {
-            let limits = DecodeLimits::for_dim(self.layout.len());
-            let mut bytes = 0u64;
-            let mut decoded = Vec::with_capacity(upload.parts.len());
-            for part in &upload.parts {
-                let payload = compressor.inner.encode(part)?;
-                bytes += payload.len() as u64;
-                decoded.push(shoal_compression::decode(&payload, &self.layout, &limits)?.0);
-            }
-            (decoded, bytes)
-        };
+        let update = run_task(&device, &mut state, &mut oracle)?;
         Ok(Computed {
             client: started.client,
-            parts,
-            bytes,
-            loss: upload.mean_loss,
+            bytes: update.bytes(),
+            parts: update.decoded,
+            loss: update.mean_loss,
             state,
         })
     }

@@ -342,6 +342,19 @@ fn bad_experiments_are_refused_with_a_reason() {
     );
     let e = format!("{:#}", ExperimentConfig::load(&pairing).unwrap_err());
     assert!(e.contains("scaffold"), "{e}");
+    // The engine's codec–rule check, as fl-server makes it: SCAFFOLD with a lossy codec.
+    let lossy = write(
+        "d.toml",
+        &format!(
+            "codec = \"topk(0.1)\"\n{}[stop]\nrounds = 3\n",
+            base.replace("fedavg", "scaffold")
+        ),
+    );
+    let e = format!("{:#}", ExperimentConfig::load(&lossy).unwrap_err());
+    assert!(
+        e.contains("scaffold") && e.contains("topk(0.1)") && e.contains("lossless"),
+        "{e}"
+    );
     // `extends` merges tables and names the file it could not read.
     write("base.toml", &format!("{base}[stop]\nrounds = 3\n"));
     let child = write(

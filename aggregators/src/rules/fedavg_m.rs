@@ -89,11 +89,19 @@ impl ClientRule for FedAvgMomentumClient {
 pub struct FedAvgMomentumServer {
     /// Global step γ.
     pub global_step: f32,
+    /// FedAvg-M-VR: keep and broadcast `x^{r−1}` (only the VR clients read it).
+    pub variance_reduced: bool,
 }
 
-/// `x^{r−1} ← x`, `g ← new_g`, `x ← x − γ g`: the server step of FedAvg-M and SCAFFOLD-M.
-pub(crate) fn global_direction_step(state: &mut ServerState, new_g: Vec<f64>, gamma: f32) {
-    state.x_prev = Some(state.x.clone());
+/// `x^{r−1} ← x` (variance-reduced forms only: the others never send it), `g ← new_g`,
+/// `x ← x − γ g`: the server step of FedAvg-M and SCAFFOLD-M.
+pub(crate) fn global_direction_step(
+    state: &mut ServerState,
+    new_g: Vec<f64>,
+    gamma: f32,
+    variance_reduced: bool,
+) {
+    state.x_prev = variance_reduced.then(|| state.x.clone());
     let gamma = f64::from(gamma);
     for (x, g) in state.x.iter_mut().zip(&new_g) {
         *x = (f64::from(*x) - gamma * g) as f32;
@@ -114,7 +122,7 @@ impl ServerRule for FedAvgMomentumServer {
         let dim = x0.len();
         ServerState {
             g: Some(vec![0.0; dim]),
-            x_prev: Some(x0.clone()),
+            x_prev: self.variance_reduced.then(|| x0.clone()),
             ..ServerState::new(x0)
         }
     }
@@ -126,7 +134,7 @@ impl ServerRule for FedAvgMomentumServer {
         _ctx: &ApplyContext,
     ) -> Result<(), RuleError> {
         if let Some(new_g) = acc.weighted_mean(0) {
-            global_direction_step(state, new_g, self.global_step);
+            global_direction_step(state, new_g, self.global_step, self.variance_reduced);
         }
         Ok(())
     }

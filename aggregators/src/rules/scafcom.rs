@@ -78,6 +78,6 @@ impl ServerRule for ScafcomServer {
     }
 
     fn apply(&self, state: &mut ServerState, acc: &Accumulator, ctx: &ApplyContext) -> Result<(), RuleError> {
-        control_variate_step(state, acc, ctx, self.global_lr, 1.0)
+        control_variate_step(state, acc, ctx, self.global_lr, 1.0, 1.0)
     }
 }

@@ -112,12 +112,14 @@ pub struct ScaffoldServer {
 }
 
 /// The server step shared by halved SCAFFOLD, SCALLION and SCAFCOM: with `m_i` the uploaded
-/// vectors, `x ← x − γ (c + mean m_i)` and `c ← c + (cv_scale/N) Σ m_i`, `γ = η_g η_l K`.
+/// vectors, `x ← x − γ (c + step_scale · mean m_i)` and `c ← c + (cv_scale/N) Σ m_i`,
+/// `γ = η_g η_l K`.
 pub(crate) fn control_variate_step(
     state: &mut ServerState,
     acc: &Accumulator,
     ctx: &ApplyContext,
     global_lr: f32,
+    step_scale: f64,
     cv_scale: f64,
 ) -> Result<(), RuleError> {
     if acc.is_empty() {
@@ -130,7 +132,7 @@ pub(crate) fn control_variate_step(
     let per_client = cv_scale / ctx.num_clients.max(1) as f64;
     for ((x, c), &s) in state.x.iter_mut().zip(c.iter_mut()).zip(acc.sum(0)) {
         let old_c = f64::from(*c);
-        *x = (f64::from(*x) - gamma * (old_c + s / count)) as f32;
+        *x = (f64::from(*x) - gamma * (old_c + step_scale * s / count)) as f32;
         *c = (old_c + per_client * s) as f32;
     }
     Ok(())
@@ -174,7 +176,7 @@ impl ServerRule for ScaffoldServer {
             return Ok(());
         }
         match self.uplink {
-            Uplink::Halved => control_variate_step(state, acc, ctx, self.global_lr, 1.0),
+            Uplink::Halved => control_variate_step(state, acc, ctx, self.global_lr, 1.0, 1.0),
             Uplink::TwoVectors => {
                 add_scaled_sum(state, acc, f64::from(self.global_lr) / acc.total_weight());
                 add_to_control_variate(state, acc, 1, ctx)

@@ -100,6 +100,8 @@ pub struct ScaffoldMomentumServer {
     pub global_step: f32,
     /// Uplink form.
     pub uplink: Uplink,
+    /// SCAFFOLD-M-VR: keep and broadcast `x^{r−1}` (only the VR clients read it).
+    pub variance_reduced: bool,
 }
 
 impl ServerRule for ScaffoldMomentumServer {
@@ -113,7 +115,7 @@ impl ServerRule for ScaffoldMomentumServer {
 
     fn init_state(&self, x0: Vec<f32>) -> ServerState {
         let dim = x0.len();
-        let x_prev = Some(x0.clone());
+        let x_prev = self.variance_reduced.then(|| x0.clone());
         ServerState {
             g: Some(vec![0.0; dim]),
             x_prev,
@@ -147,7 +149,7 @@ impl ServerRule for ScaffoldMomentumServer {
                 (rebuilt, 0)
             }
         };
-        global_direction_step(state, new_g, self.global_step);
+        global_direction_step(state, new_g, self.global_step, self.variance_reduced);
         add_to_control_variate(state, acc, c_part, ctx)
     }
 }

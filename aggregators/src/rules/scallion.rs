@@ -4,8 +4,11 @@
 //! The placement of the scaling factor α is UNCERTAIN in the source; both readings are offered:
 //! - `control_variates` (default, DIANA-style): upload `m_i`; `c_i ← c_i + α m_i`;
 //!   server `x ← x − γ (c + mean m_i)`, `c ← c + (α/N) Σ m_i`. The model step is unbiased for any α.
-//! - `payload` (the third-party implementation): upload `α m_i`; `c_i ← c_i + α m_i`;
-//!   server `x ← x − γ (c + mean α m_i)`, `c ← c + (1/N) Σ α m_i`.
+//! - `payload` (the third-party implementation): the payload is `α m_i`; `c_i ← c_i + α m_i`;
+//!   server `x ← x − γ (c + mean α m_i)`, `c ← c + (1/N) Σ α m_i`. The wire carries `m_i` itself —
+//!   exactly the bytes the codec produced and whose decoding the client added to `c_i` — and the
+//!   server multiplies by α, which is the same arithmetic: re-encoding `α m_i` with a random codec
+//!   would compress it a second time and break `c = mean c_i`.
 //!
 //! The two coincide for α = 1; with the identity compressor and α = 1 SCALLION is halved SCAFFOLD.
 
@@ -54,9 +57,7 @@ impl ClientRule for ScallionClient {
         for (ci, mi) in c_i.iter_mut().zip(&m) {
             *ci += self.alpha * mi;
         }
-        if self.placement == AlphaPlacement::Payload {
-            m.iter_mut().for_each(|v| *v *= self.alpha);
-        }
+        // Under either placement the upload is `m_i` as compressed; the server applies α.
         Ok(Upload {
             parts: vec![m],
             mean_loss,
@@ -90,10 +91,11 @@ impl ServerRule for ScallionServer {
     }
 
     fn apply(&self, state: &mut ServerState, acc: &Accumulator, ctx: &ApplyContext) -> Result<(), RuleError> {
-        let cv_scale = match self.placement {
-            AlphaPlacement::ControlVariates => f64::from(self.alpha),
-            AlphaPlacement::Payload => 1.0,
+        let alpha = f64::from(self.alpha);
+        let step_scale = match self.placement {
+            AlphaPlacement::ControlVariates => 1.0,
+            AlphaPlacement::Payload => alpha,
         };
-        control_variate_step(state, acc, ctx, self.global_lr, cv_scale)
+        control_variate_step(state, acc, ctx, self.global_lr, step_scale, alpha)
     }
 }

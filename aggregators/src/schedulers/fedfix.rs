@@ -5,10 +5,16 @@
 //! and hands every idle client a task. An update that arrives is folded at once with weight
 //! `d_i = ⌈τ_i / Δt⌉ · p_i` ([`fedfix_weight`]), `τ_i` its job's measured duration and `p_i` the
 //! client's share (`samples`: `n_i / Σ n`; `uniform`: `1/N`); its client then idles until the next
-//! instant. At each instant the server aggregates what was folded — an empty window still advances
-//! the version, as in the reference, so a client that needs `k` windows per job always arrives
-//! with staleness `k − 1` — and every idle client (those that arrived, and any that joined) gets a
-//! task on the new version. With `Δt` at least every job's duration this is synchronous FedAvg.
+//! instant. At each instant the server aggregates what was folded, and every idle client (those
+//! that arrived, and any that joined) gets a task on the new version. With `Δt` at least every
+//! job's duration this is synchronous FedAvg.
+//!
+//! An empty window is skipped: no version is made, so nothing is written or evaluated for it, a
+//! server whose commit takes longer than `Δt` cannot build a backlog of empty versions, and
+//! `[stop] rounds` counts versions that hold updates. The weights depend on a job's duration, not
+//! on versions, so the model is the same either way. `advance_empty_windows = true` advances the
+//! version at every instant instead, as the authors' code does (then a client that needs `k`
+//! windows per job always arrives with staleness `k − 1`).
 
 use super::Weighting;
 use crate::coordinator::{Arrival, Core, TaskRecord};
@@ -25,6 +31,9 @@ pub struct FedFixConfig {
     /// Target importance `p_i`: `samples` (default) or `uniform`.
     #[serde(default = "samples")]
     pub weighting: Weighting,
+    /// Make a version at every instant, empty windows included (the reference's behaviour).
+    #[serde(default)]
+    pub advance_empty_windows: bool,
 }
 
 fn samples() -> Weighting {
@@ -49,6 +58,7 @@ impl FedFixConfig {
 pub(crate) struct FedFix {
     weighting: Weighting,
     period_us: u64,
+    advance_empty_windows: bool,
     local_steps: u32,
     /// The next aggregation instant, once started.
     next_instant: Option<Timestamp>,
@@ -61,6 +71,7 @@ impl FedFix {
         Self {
             weighting: config.weighting,
             period_us: micros_from_secs(config.period_s).max(1),
+            advance_empty_windows: config.advance_empty_windows,
             local_steps,
             next_instant: None,
             started_at: None,
@@ -120,7 +131,7 @@ impl super::Scheduler for FedFix {
             return;
         }
         while core.now() >= instant {
-            if core.num_clients() > 0 || core.pending_folds() > 0 {
+            if core.pending_folds() > 0 || (self.advance_empty_windows && core.num_clients() > 0) {
                 core.aggregate();
             }
             instant = instant.after_micros(self.period_us);
