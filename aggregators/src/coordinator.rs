@@ -107,8 +107,11 @@ pub enum Command {
         version: ModelVersion,
         /// Updates folded into it (0 for FedFix's empty windows: the version still advances).
         updates: usize,
-        /// Registered clients `N` (SCAFFOLD's control variates average over them).
+        /// The population `N`: every client that has registered in the run, including those that
+        /// left or were evicted since (SCAFFOLD's control variates average over them).
         num_clients: usize,
+        /// The population at the previous aggregation (0 before the first).
+        previous_num_clients: usize,
     },
     /// Wake the Coordinator with [`Event::Timer`] at this instant.
     WakeAt(Timestamp),
@@ -274,6 +277,10 @@ pub struct Core {
     evict_after_failures: u32,
     /// The most samples a client's declaration counts for.
     max_samples_per_client: u64,
+    /// Every client that ever registered (leaving does not remove one): the population `N`.
+    population: BTreeSet<ClientId>,
+    /// The population when the last aggregation was made.
+    population_at_last_aggregate: usize,
     out: Vec<Command>,
 }
 
@@ -294,6 +301,8 @@ impl Core {
             stats: CoordinatorStats::default(),
             evict_after_failures,
             max_samples_per_client: u64::MAX,
+            population: BTreeSet::new(),
+            population_at_last_aggregate: 0,
             out: Vec::new(),
         }
     }
@@ -308,9 +317,14 @@ impl Core {
         self.version
     }
 
-    /// Registered clients `N`.
+    /// Registered clients (connected now).
     pub fn num_clients(&self) -> usize {
         self.clients.len()
+    }
+
+    /// The population `N`: every client that registered in the run, connected or not.
+    pub fn population(&self) -> usize {
+        self.population.len()
     }
 
     /// A registered client's record.
@@ -415,10 +429,12 @@ impl Core {
     pub fn aggregate(&mut self) {
         self.version = self.version.next();
         self.stats.aggregations += 1;
+        let population = self.population.len();
         self.out.push(Command::Aggregate {
             version: self.version,
             updates: std::mem::take(&mut self.pending_folds),
-            num_clients: self.clients.len(),
+            num_clients: population,
+            previous_num_clients: std::mem::replace(&mut self.population_at_last_aggregate, population),
         });
     }
 
@@ -512,6 +528,7 @@ impl Coordinator {
                         .saturating_add(num_samples);
                     record.num_samples = num_samples;
                 } else {
+                    core.population.insert(client);
                     core.total_samples = core.total_samples.saturating_add(num_samples);
                     core.idle.insert(client);
                     core.clients.insert(

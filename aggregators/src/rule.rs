@@ -136,8 +136,14 @@ pub enum Aggregation {
 /// What `apply` needs to know about the aggregation beyond the sums.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ApplyContext {
-    /// Total number of clients `N` (control variates are averaged over all of them).
+    /// The population `N`: every client registered in the run so far, connected or not, evicted
+    /// or not (control variates are averaged over all of them).
     pub num_clients: usize,
+    /// `N` at the previous aggregation (0 before the first). Clients that joined since hold
+    /// `c_i = 0`, so a control variate averaged over the old population is rescaled by
+    /// `previous / N` before this aggregation's increments are added: `c` stays the mean of all
+    /// `c_i`.
+    pub previous_num_clients: usize,
     /// The local task the folded uploads were computed with.
     pub task: LocalTask,
 }

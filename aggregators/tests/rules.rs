@@ -73,7 +73,15 @@ fn run_weighted(
                 .expect("uploads fold");
         }
         server
-            .apply(&mut state, &acc, &ApplyContext { num_clients: N, task })
+            .apply(
+                &mut state,
+                &acc,
+                &ApplyContext {
+                    num_clients: N,
+                    previous_num_clients: N,
+                    task,
+                },
+            )
             .expect("apply succeeds");
         states.push(state.clone());
     }
@@ -496,6 +504,7 @@ fn a_single_scaffold_client_is_local_sgd() {
                     &acc,
                     &ApplyContext {
                         num_clients: 1,
+                        previous_num_clients: 1,
                         task: TASK,
                     },
                 )
@@ -537,6 +546,7 @@ fn uniform_rules_refuse_other_weights_and_bad_uploads_never_move_the_model() {
             &acc,
             &ApplyContext {
                 num_clients: N,
+                previous_num_clients: N,
                 task: TASK,
             },
         )
@@ -654,6 +664,7 @@ fn fedasync_mixing_bounds() {
                 &acc,
                 &ApplyContext {
                     num_clients: N,
+                    previous_num_clients: N,
                     task: TASK
                 }
             )
@@ -700,6 +711,7 @@ fn only_variance_reduced_momentum_broadcasts_the_previous_model() {
         server.fold(&mut acc, &upload, 1.0).unwrap();
         let ctx = ApplyContext {
             num_clients: 1,
+            previous_num_clients: 1,
             task: LocalTask {
                 local_steps: 1,
                 lr: 0.1,

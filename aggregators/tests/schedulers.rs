@@ -74,7 +74,15 @@ fn fedavg_round(
     }
     algorithm
         .server
-        .apply(&mut state, &acc, &ApplyContext { num_clients: N, task })
+        .apply(
+            &mut state,
+            &acc,
+            &ApplyContext {
+                num_clients: N,
+                previous_num_clients: N,
+                task,
+            },
+        )
         .expect("applies");
     state.x
 }
@@ -571,4 +579,68 @@ fn sync_rounds_sample_a_fraction_and_replace_failed_clients() {
     assert!(driver.log.aggregations[1..].iter().all(|&(_, _, u)| u == 2));
     assert!(driver.coordinator.stats().failed >= 2);
     driver.assert_exactly_once();
+}
+
+/// `c` is the mean of every registered client's `c_i` after every aggregation, whoever joins late
+/// or leaves: `N` is the population that ever registered (ALGORITHMS.md §3.1), not the clients
+/// connected at that moment, and a client that joins (holding `c_i = 0`) rescales `c`.
+#[test]
+fn control_variates_average_over_the_population_through_late_joins_and_departures() {
+    let problem = problem();
+    // Every connected client in every round.
+    let scheduler = SchedulerConfig::Sync(SyncConfig {
+        clients_per_round: None,
+        fraction: Some(1.0),
+        ..SyncConfig::default()
+    });
+    let rules = [
+        RuleConfig::Scaffold {
+            global_lr: 1.0,
+            uplink: shoal_aggregators::rules::scaffold::Uplink::TwoVectors,
+        },
+        RuleConfig::Scafcom {
+            global_lr: 1.0,
+            beta: 0.5,
+        },
+    ];
+    for rule in rules {
+        let name = rule.name();
+        let mut driver = Driver::new(
+            config(rule, scheduler.clone()),
+            2,
+            vec![10; N],
+            Box::new(|i, _| 100 + 10 * i as u64),
+        )
+        .with_training(&problem);
+        let mut joined = 0;
+        // Three clients, then two more, then one leaves, then the rest join.
+        let plan: [(&[usize], &[usize], usize); 3] =
+            [(&[0, 1, 2], &[], 2), (&[3, 4], &[], 4), (&[5, 6, 7], &[1], 7)];
+        for (join, leave, aggregations) in plan {
+            for &i in join {
+                driver.join(i);
+                joined += 1;
+            }
+            for &i in leave {
+                driver.leave(i);
+            }
+            driver.run(Timestamp::from_secs_f64(100.0), aggregations);
+            assert_eq!(driver.log.aggregations.len(), aggregations, "{name}");
+            let training = driver.training.as_ref().expect("training attached");
+            let c = training.state.c.as_ref().expect("a control variate");
+            for (k, &ck) in c.iter().enumerate() {
+                let sum: f64 = training
+                    .clients
+                    .iter()
+                    .take(joined)
+                    .map(|s| s.c.as_ref().map_or(0.0, |c| f64::from(c[k])))
+                    .sum();
+                let mean = sum / joined as f64;
+                assert!(
+                    (f64::from(ck) - mean).abs() <= 1e-5 * (1.0 + mean.abs()),
+                    "{name} after {aggregations} aggregations, [{k}]: c = {ck} but the mean of {joined} c_i is {mean}"
+                );
+            }
+        }
+    }
 }

@@ -12,6 +12,8 @@
 //! - [`device`]: the device side of a federated task — the client rule on local data through a
 //!   gradient oracle, the upload encoded with the codec chain, the payloads a server decodes and
 //!   the rule state to keep once the server has the update.
+//! - [`server`]: the context a server rule applies an aggregation in (the population `N` before
+//!   and after, the local task).
 //! - [`pairing`]: which codecs suit which rules, checked when a configuration is loaded (fl-sim
 //!   experiments and fl-server's `server.toml` alike).
 //!
@@ -20,10 +22,12 @@
 pub mod device;
 pub mod pairing;
 pub mod seed;
+pub mod server;
 
 pub use device::{DeviceError, DeviceTask, DeviceUpdate, run_task};
 pub use pairing::{PairingError, check_codec};
 pub use seed::task_seed;
+pub use server::apply_context;
 
 /// A rule from the text of its `[algorithm.rule]` table, for this crate's tests.
 #[cfg(test)]

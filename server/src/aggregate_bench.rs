@@ -110,6 +110,7 @@ impl Fixture {
         let mut state = ServerState::new(self.x0.clone());
         let ctx = ApplyContext {
             num_clients: self.updates,
+            previous_num_clients: self.updates,
             task: LocalTask {
                 local_steps: 1,
                 lr: 0.1,

@@ -139,6 +139,7 @@ pub fn audit(
     let mut state = before;
     let ctx = ApplyContext {
         num_clients: 0,
+        previous_num_clients: 0,
         task: config.algorithm.local_task(config.algorithm.local_steps),
     };
     algorithm.server.apply(&mut state, &acc, &ctx)?;

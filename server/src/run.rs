@@ -14,8 +14,7 @@ use crate::store::{PendingUpdate, Store, StoreError};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use shoal_aggregators::{
-    Accumulator, Algorithm, ApplyContext, Broadcast, Command, Coordinator, CoordinatorError, Event,
-    ServerState, TaskRecord,
+    Accumulator, Algorithm, Broadcast, Command, Coordinator, CoordinatorError, Event, ServerState, TaskRecord,
 };
 use shoal_compression::DecodeLimits;
 use shoal_core::{ClientId, Layout, ModelVersion, TaskId, Timestamp, UpdateMeta};
@@ -723,6 +722,7 @@ impl Run {
                     version,
                     updates,
                     num_clients,
+                    previous_num_clients,
                 } => {
                     if version <= self.committed {
                         // Replaying an aggregation that is already committed: its folds were skipped.
@@ -730,7 +730,7 @@ impl Run {
                         self.folded.clear();
                         continue;
                     }
-                    self.aggregate(version, updates, num_clients)?;
+                    self.aggregate(version, updates, (num_clients, previous_num_clients))?;
                     if self.should_stop(version) {
                         self.finish()?;
                         out.push(Outgoing::Finished);
@@ -819,14 +819,9 @@ impl Run {
             .ok_or_else(|| anyhow::anyhow!("the aggregation was just opened"))
     }
 
-    fn aggregate(&mut self, version: ModelVersion, updates: usize, num_clients: usize) -> Result<()> {
-        let ctx = ApplyContext {
-            num_clients,
-            task: self
-                .config
-                .algorithm
-                .local_task(self.config.algorithm.local_steps),
-        };
+    /// Finishes the aggregation of `version`; `population` is `N` now and at the aggregation before.
+    fn aggregate(&mut self, version: ModelVersion, updates: usize, population: (usize, usize)) -> Result<()> {
+        let ctx = shoal_engine::apply_context(&self.config.algorithm, population.0, population.1);
         self.aggregation()?;
         let merged = self
             .aggregation

@@ -119,8 +119,9 @@ pub trait Workload {
     fn forget(&mut self, task: TaskId);
     /// Folds the task's update with `weight`.
     fn fold(&mut self, task: TaskId, weight: f64) -> Result<(), SimError>;
-    /// Applies what was folded: a new global version.
-    fn aggregate(&mut self, num_clients: usize) -> Result<(), SimError>;
+    /// Applies what was folded: a new global version, with the population `N` now and at the
+    /// previous aggregation.
+    fn aggregate(&mut self, num_clients: usize, previous_num_clients: usize) -> Result<(), SimError>;
     /// Split learning: how tasks use the server; `None` (the default) for federated workloads.
     fn split_serving(&self) -> Option<SplitServing> {
         None
@@ -676,8 +677,9 @@ impl<W: Workload> Engine<W> {
                 version,
                 updates,
                 num_clients,
+                previous_num_clients,
             } => {
-                self.workload.aggregate(num_clients)?;
+                self.workload.aggregate(num_clients, previous_num_clients)?;
                 self.stats.aggregations += 1;
                 let ready = match &mut self.aggregation {
                     Some(timeline) => {
@@ -756,7 +758,7 @@ mod tests {
             self.folded += 1;
             Ok(())
         }
-        fn aggregate(&mut self, _: usize) -> Result<(), SimError> {
+        fn aggregate(&mut self, _: usize, _: usize) -> Result<(), SimError> {
             Ok(())
         }
     }
@@ -787,8 +789,8 @@ mod tests {
         fn fold(&mut self, task: TaskId, weight: f64) -> Result<(), SimError> {
             self.inner.fold(task, weight)
         }
-        fn aggregate(&mut self, n: usize) -> Result<(), SimError> {
-            self.inner.aggregate(n)
+        fn aggregate(&mut self, n: usize, previous: usize) -> Result<(), SimError> {
+            self.inner.aggregate(n, previous)
         }
         fn split_serving(&self) -> Option<SplitServing> {
             Some(self.serving)

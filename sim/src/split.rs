@@ -303,7 +303,7 @@ impl Workload for SplitWorkload {
         Ok(())
     }
 
-    fn aggregate(&mut self, _: usize) -> Result<(), SimError> {
+    fn aggregate(&mut self, _: usize, _: usize) -> Result<(), SimError> {
         self.server.aggregate();
         Ok(())
     }

@@ -12,12 +12,10 @@
 
 use crate::engine::{Finished, SimError, Workload};
 use rayon::prelude::*;
-use shoal_aggregators::{
-    Accumulator, Algorithm, AlgorithmConfig, ApplyContext, Broadcast, ClientState, ServerState,
-};
+use shoal_aggregators::{Accumulator, Algorithm, AlgorithmConfig, Broadcast, ClientState, ServerState};
 use shoal_compression::{CodecCompressor, CodecSpec};
 use shoal_core::{Layout, TaskId};
-use shoal_engine::{DeviceTask, run_task, task_seed};
+use shoal_engine::{DeviceTask, apply_context, run_task, task_seed};
 use shoal_model::data::Dataset;
 use shoal_model::train::{Evaluation, evaluate};
 use shoal_model::{Model, ModelOracle};
@@ -238,11 +236,8 @@ impl Workload for TrainingWorkload {
         Ok(())
     }
 
-    fn aggregate(&mut self, num_clients: usize) -> Result<(), SimError> {
-        let ctx = ApplyContext {
-            num_clients,
-            task: self.shared.config.local_task(self.shared.config.local_steps),
-        };
+    fn aggregate(&mut self, num_clients: usize, previous_num_clients: usize) -> Result<(), SimError> {
+        let ctx = apply_context(&self.shared.config, num_clients, previous_num_clients);
         self.shared
             .algorithm
             .server
@@ -302,7 +297,7 @@ impl Workload for SystemsWorkload {
     fn fold(&mut self, _: TaskId, _: f64) -> Result<(), SimError> {
         Ok(())
     }
-    fn aggregate(&mut self, _: usize) -> Result<(), SimError> {
+    fn aggregate(&mut self, _: usize, _: usize) -> Result<(), SimError> {
         Ok(())
     }
 }

@@ -123,22 +123,52 @@ pub(crate) fn control_variate_step(
     cv_scale: f64,
 ) -> Result<(), RuleError> {
     if acc.is_empty() {
-        return Ok(());
+        return rescale_control_variate(state, ctx);
     }
     let dim = state.x.len();
     let gamma = f64::from(global_lr) * f64::from(ctx.task.lr) * f64::from(ctx.task.local_steps);
     let count = acc.total_weight();
     let c = state_vector("server control variate", &mut state.c, dim)?;
     let per_client = cv_scale / ctx.num_clients.max(1) as f64;
+    let rescale = population_scale(ctx);
     for ((x, c), &s) in state.x.iter_mut().zip(c.iter_mut()).zip(acc.sum(0)) {
+        // The model steps with the `c` the clients trained with; `c` then moves to the current
+        // population and takes this aggregation's increments.
         let old_c = f64::from(*c);
         *x = (f64::from(*x) - gamma * (old_c + step_scale * s / count)) as f32;
-        *c = (old_c + per_client * s) as f32;
+        *c = (old_c * rescale + per_client * s) as f32;
     }
     Ok(())
 }
 
-/// Adds `(scale/N) Σ` of part `part` to the server control variate.
+/// `N_prev / N`, or 1 when the population is unchanged or was empty.
+fn population_scale(ctx: &ApplyContext) -> f64 {
+    match (ctx.previous_num_clients, ctx.num_clients) {
+        (0, _) | (_, 0) => 1.0,
+        (before, now) => before as f64 / now as f64,
+    }
+}
+
+/// Rescales the server control variate from the previous population to the current one:
+/// `c ← c · N_prev / N`, since the clients that joined since hold `c_i = 0` (ALGORITHMS.md §3.1:
+/// `c` is the mean of all `c_i`). Every control-variate rule calls it first, even for an empty
+/// aggregation, so no change of population is missed — after the model step, which uses the `c`
+/// the clients trained with.
+pub(crate) fn rescale_control_variate(state: &mut ServerState, ctx: &ApplyContext) -> Result<(), RuleError> {
+    let scale = population_scale(ctx);
+    if scale == 1.0 {
+        return Ok(());
+    }
+    let dim = state.x.len();
+    let c = state_vector("server control variate", &mut state.c, dim)?;
+    for c in c.iter_mut() {
+        *c = (f64::from(*c) * scale) as f32;
+    }
+    Ok(())
+}
+
+/// Adds `(1/N) Σ` of part `part` to the server control variate (after
+/// [`rescale_control_variate`]).
 pub(crate) fn add_to_control_variate(
     state: &mut ServerState,
     acc: &Accumulator,
@@ -173,12 +203,13 @@ impl ServerRule for ScaffoldServer {
 
     fn apply(&self, state: &mut ServerState, acc: &Accumulator, ctx: &ApplyContext) -> Result<(), RuleError> {
         if acc.is_empty() {
-            return Ok(());
+            return rescale_control_variate(state, ctx);
         }
         match self.uplink {
             Uplink::Halved => control_variate_step(state, acc, ctx, self.global_lr, 1.0, 1.0),
             Uplink::TwoVectors => {
                 add_scaled_sum(state, acc, f64::from(self.global_lr) / acc.total_weight());
+                rescale_control_variate(state, ctx)?;
                 add_to_control_variate(state, acc, 1, ctx)
             }
         }

@@ -13,7 +13,7 @@
 //! `γ = η_g η_l K` (tested). Means are uniform (every fold weight is 1).
 
 use super::fedavg_m::{blend_momentum, global_direction_step};
-use super::scaffold::{Uplink, add_to_control_variate};
+use super::scaffold::{Uplink, add_to_control_variate, rescale_control_variate};
 use crate::accumulator::Accumulator;
 use crate::rule::{
     Aggregation, ApplyContext, Broadcast, ClientRule, ClientState, LocalTask, RuleError, ServerRule,
@@ -129,7 +129,7 @@ impl ServerRule for ScaffoldMomentumServer {
 
     fn apply(&self, state: &mut ServerState, acc: &Accumulator, ctx: &ApplyContext) -> Result<(), RuleError> {
         if acc.is_empty() {
-            return Ok(());
+            return rescale_control_variate(state, ctx);
         }
         let dim = state.x.len();
         let (new_g, c_part) = match self.uplink {
@@ -150,6 +150,9 @@ impl ServerRule for ScaffoldMomentumServer {
             }
         };
         global_direction_step(state, new_g, self.global_step, self.variance_reduced);
+        // The halved uplink rebuilt `u_i` from the `c` the clients had; now `c` moves to the
+        // current population and takes the increments.
+        rescale_control_variate(state, ctx)?;
         add_to_control_variate(state, acc, c_part, ctx)
     }
 }

@@ -26,9 +26,12 @@ pub struct Training {
     pub algorithm: Algorithm,
     pub state: ServerState,
     acc: Accumulator,
-    clients: Vec<ClientState>,
+    /// Every client's persistent state (what it would keep on its device).
+    pub clients: Vec<ClientState>,
     oracles: Vec<LeastSquaresOracle>,
-    held: BTreeMap<TaskId, Upload>,
+    /// Each trained task's upload, with its client and the state the client keeps once the
+    /// update is folded (a discarded or lost task leaves the client's state as it was).
+    held: BTreeMap<TaskId, (Upload, usize, ClientState)>,
     /// The server state after every aggregation, with the number of updates it folded.
     pub history: Vec<(ServerState, usize)>,
 }
@@ -203,18 +206,19 @@ impl Driver {
                     && !fails
                 {
                     let task_spec = self.config.local_task(local_steps);
+                    let mut next = t.clients[i].clone();
                     let upload = t
                         .algorithm
                         .client
                         .train(
                             &task_spec,
                             &t.state.broadcast(),
-                            &mut t.clients[i],
+                            &mut next,
                             &mut t.oracles[i],
                             &mut IdentityCompressor,
                         )
                         .expect("local training succeeds");
-                    t.held.insert(task, upload);
+                    t.held.insert(task, (upload, i, next));
                 }
                 self.running
                     .insert(task, (client, version, local_steps, self.now));
@@ -237,7 +241,8 @@ impl Driver {
                 self.log.folds.insert(task, (client, weight, staleness));
                 self.pending_folds += 1;
                 if let Some(t) = self.training.as_mut() {
-                    let upload = t.held.remove(&task).expect("uploads are held until folded");
+                    let (upload, i, next) = t.held.remove(&task).expect("uploads are held until folded");
+                    t.clients[i] = next;
                     t.algorithm
                         .server
                         .fold(&mut t.acc, &upload.views(), weight)
@@ -255,6 +260,7 @@ impl Driver {
                 version,
                 updates,
                 num_clients,
+                previous_num_clients,
             } => {
                 assert_eq!(
                     updates, self.pending_folds,
@@ -266,6 +272,7 @@ impl Driver {
                 if let Some(t) = self.training.as_mut() {
                     let ctx = ApplyContext {
                         num_clients,
+                        previous_num_clients,
                         task: self.config.local_task(self.config.local_steps),
                     };
                     t.algorithm
