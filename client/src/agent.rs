@@ -92,6 +92,16 @@ struct Work {
 }
 
 impl Work {
+    /// The rule state a new task starts from: that of the last update sent, acknowledged or not
+    /// (after a reconnection the server may send the next task before it acknowledges the last
+    /// one, which it has counted). An update the server refuses or cancels is dropped, and with it
+    /// its state: the next task starts from the last acknowledged one.
+    fn state_for_next_task(&self) -> ClientState {
+        self.unacknowledged
+            .as_ref()
+            .map_or_else(|| self.state.clone(), |u| u.next_state.clone())
+    }
+
     fn holding(&self) -> Option<TaskId> {
         self.unacknowledged
             .as_ref()
@@ -286,7 +296,7 @@ async fn session(
                             handle.abort();
                         }
                         let trainer = work.trainer.clone().context("no trainer")?;
-                        let state = work.state.clone();
+                        let state = work.state_for_next_task();
                         let run_spec = spec.clone();
                         tracing::info!(%task, %version, local_steps, "training");
                         let split = trainer.split().map(|role| role.config.pipeline);
