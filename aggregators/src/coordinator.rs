@@ -80,6 +80,8 @@ pub enum Command {
         version: ModelVersion,
         /// Local steps `K` (or FedCompass' `Q_i`).
         local_steps: u32,
+        /// The seed of every random choice the device makes for the task ([`crate::task_seed`]).
+        seed: u64,
     },
     /// Fold the update held under `task` into the aggregation in progress with `weight`.
     Fold {
@@ -199,6 +201,8 @@ pub struct TaskRecord {
     pub local_steps: u32,
     /// When it was assigned.
     pub assigned_at: Timestamp,
+    /// The task's seed ([`crate::task_seed`]), sent to the device with the task.
+    pub seed: u64,
 }
 
 /// An update the Coordinator accepted, as a scheduler sees it.
@@ -273,12 +277,15 @@ pub struct Core {
     pending_folds: usize,
     timers: BTreeSet<Timestamp>,
     rng: StdRng,
+    /// The run's seed, which task seeds derive from.
+    seed: u64,
     stats: CoordinatorStats,
     evict_after_failures: u32,
     /// The most samples a client's declaration counts for.
     max_samples_per_client: u64,
-    /// Every client that ever registered (leaving does not remove one): the population `N`.
-    population: BTreeSet<ClientId>,
+    /// Every client that ever registered (leaving does not remove one), the population `N`, with
+    /// the number of tasks it was given (the ordinal of its next task's seed).
+    population: BTreeMap<ClientId, u64>,
     /// The population when the last aggregation was made.
     population_at_last_aggregate: usize,
     out: Vec<Command>,
@@ -298,10 +305,11 @@ impl Core {
             pending_folds: 0,
             timers: BTreeSet::new(),
             rng: StdRng::seed_from_u64(seed),
+            seed,
             stats: CoordinatorStats::default(),
             evict_after_failures,
             max_samples_per_client: u64::MAX,
-            population: BTreeSet::new(),
+            population: BTreeMap::new(),
             population_at_last_aggregate: 0,
             out: Vec::new(),
         }
@@ -373,6 +381,9 @@ impl Core {
         let task = TaskId(self.next_task);
         self.next_task += 1;
         record.task = Some(task);
+        let ordinal = self.population.entry(client).or_insert(0);
+        let seed = crate::seed::task_seed(self.seed, client, *ordinal);
+        *ordinal += 1;
         self.idle.remove(client);
         self.running.insert(
             task,
@@ -382,6 +393,7 @@ impl Core {
                 version: self.version,
                 local_steps,
                 assigned_at: self.now,
+                seed,
             },
         );
         self.stats.assigned += 1;
@@ -390,6 +402,7 @@ impl Core {
             task,
             version: self.version,
             local_steps,
+            seed,
         });
         Some(task)
     }
@@ -528,7 +541,7 @@ impl Coordinator {
                         .saturating_add(num_samples);
                     record.num_samples = num_samples;
                 } else {
-                    core.population.insert(client);
+                    core.population.entry(client).or_insert(0);
                     core.total_samples = core.total_samples.saturating_add(num_samples);
                     core.idle.insert(client);
                     core.clients.insert(

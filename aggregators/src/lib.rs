@@ -27,6 +27,7 @@ pub mod problems;
 pub mod rule;
 pub mod rules;
 pub mod schedulers;
+pub mod seed;
 pub mod staleness;
 
 pub use accumulator::{Accumulator, FoldError};
@@ -39,3 +40,4 @@ pub use rule::{
     ServerState, Upload,
 };
 pub use schedulers::{SchedulerConfig, Weighting};
+pub use seed::task_seed;

@@ -12,8 +12,9 @@ use crate::trainer::{EncodedUpdate, TaskSpec, Trainer};
 use anyhow::{Context, Result, bail};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use shoal_aggregators::{Broadcast, ClientState};
+use shoal_aggregators::Broadcast;
 use shoal_core::TaskId;
+use shoal_engine::DeviceState;
 use shoal_net::endpoint::{Timeouts, client_endpoint};
 use shoal_net::protocol::{
     BroadcastVector, Capabilities, ClientMessage, DeclaredProfile, ErrorCode, PROTOCOL_VERSION, ServerMessage,
@@ -40,7 +41,7 @@ pub struct AgentOptions {
     pub name: String,
     /// Local data.
     pub data: DataSource,
-    /// Seed of local minibatches and random codec stages.
+    /// Seed of the reconnection backoff's jitter (a task's own seed comes with the task).
     pub seed: u64,
     /// Give up after this long without reaching the server.
     pub give_up_after: Duration,
@@ -81,7 +82,7 @@ type Trained = Result<(EncodedUpdate, Option<SplitFigures>)>;
 /// Work in hand across connections.
 struct Work {
     trainer: Option<Arc<Trainer>>,
-    state: ClientState,
+    state: DeviceState,
     /// A task being trained.
     training: Option<(TaskSpec, JoinHandle<Trained>)>,
     /// Whether that task is a split task (it needs its connection: a disconnection ends it).
@@ -92,11 +93,12 @@ struct Work {
 }
 
 impl Work {
-    /// The rule state a new task starts from: that of the last update sent, acknowledged or not
-    /// (after a reconnection the server may send the next task before it acknowledges the last
-    /// one, which it has counted). An update the server refuses or cancels is dropped, and with it
-    /// its state: the next task starts from the last acknowledged one.
-    fn state_for_next_task(&self) -> ClientState {
+    /// The device state (rule state, feedback memory) a new task starts from: that of the last
+    /// update sent, acknowledged or not (after a reconnection the server may send the next task
+    /// before it acknowledges the last one, which it has counted). An update the server refuses or
+    /// cancels is dropped, and with it its state: the next task starts from the last acknowledged
+    /// one.
+    fn state_for_next_task(&self) -> DeviceState {
         self.unacknowledged
             .as_ref()
             .map_or_else(|| self.state.clone(), |u| u.next_state.clone())
@@ -134,7 +136,7 @@ pub async fn run(options: AgentOptions) -> Result<AgentReport> {
     )?;
     let mut work = Work {
         trainer: None,
-        state: ClientState::default(),
+        state: DeviceState::default(),
         training: None,
         training_split: false,
         unacknowledged: None,
@@ -241,6 +243,13 @@ async fn session(
             run,
             limits,
         }) if protocol_version == PROTOCOL_VERSION => (client, run, limits),
+        // The run ended while this client was away.
+        Some(ServerMessage::Finished { version }) => {
+            tracing::info!(%version, "the run is finished");
+            work.report.final_version = version.0;
+            conn.close(0u32.into(), b"finished");
+            return Ok(SessionEnd::Finished);
+        }
         Some(ServerMessage::Error {
             code: ErrorCode::VersionMismatch,
             message,
@@ -256,8 +265,7 @@ async fn session(
     };
     if work.trainer.is_none() {
         let local = data.take().context("local data already consumed")?;
-        let trainer =
-            Trainer::new(client, &run, local, options.seed).map_err(|e| FatalError(format!("{e:#}")))?;
+        let trainer = Trainer::new(client, &run, local).map_err(|e| FatalError(format!("{e:#}")))?;
         tracing::info!(%client, model = run.model, params = trainer.dim(), "joined the run");
         work.trainer = Some(Arc::new(trainer));
     }
@@ -279,8 +287,8 @@ async fn session(
                     Err(e) => return Ok(SessionEnd::Disconnected(e.to_string())),
                 };
                 match message {
-                    ServerMessage::Task { task, version, local_steps, lr, codec, .. } => {
-                        let spec = TaskSpec { task, version, local_steps, lr, codec };
+                    ServerMessage::Task { task, version, local_steps, lr, codec, feedback, seed, .. } => {
+                        let spec = TaskSpec { task, version, local_steps, lr, codec, feedback, seed };
                         if work.unacknowledged.as_ref().is_some_and(|u| u.meta.task == task) {
                             if let Some(update) = work.unacknowledged.clone() {
                                 upload(&conn, &mut send, &update, work).await?;

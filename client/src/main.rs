@@ -73,7 +73,8 @@ struct RunArgs {
     /// Labels for --idx-images.
     #[arg(long, requires = "idx_images")]
     idx_labels: Option<PathBuf>,
-    /// Seed of local minibatches and random codec stages (default: the index).
+    /// Seed of the reconnection backoff's jitter (default: the index). A task's minibatches and
+    /// random codec stages draw from the seed the server sends with it.
     #[arg(long)]
     seed: Option<u64>,
     /// Give up after this many seconds without reaching the server.

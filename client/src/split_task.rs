@@ -38,7 +38,7 @@ pub async fn train(
 ) -> Result<(EncodedUpdate, SplitFigures)> {
     let started = Instant::now();
     let role = trainer.split().context("this run is not split")?;
-    let seed = trainer.task_seed(spec.task);
+    let seed = spec.seed;
     let batch_size = trainer.batch_size();
     let mut runner = role
         .config

@@ -3,10 +3,11 @@
 //! `run_task` — the code fl-sim runs for a simulated device.
 
 use anyhow::{Context, Result, ensure};
-use shoal_aggregators::{Broadcast, ClientRule, ClientState, LocalTask, RuleConfig};
+use shoal_aggregators::{Broadcast, ClientRule, LocalTask, RuleConfig};
 use shoal_compression::CodecSpec;
+use shoal_compression::feedback::Feedback;
 use shoal_core::{ClientId, ModelVersion, TaskId, UpdateMeta};
-use shoal_engine::{DeviceTask, run_task};
+use shoal_engine::{DeviceState, DeviceTask, run_task};
 use shoal_model::split::SplitModel;
 use shoal_model::{Model, ModelOracle};
 use shoal_net::protocol::RunDescription;
@@ -29,6 +30,11 @@ pub struct TaskSpec {
     pub lr: f32,
     /// Codec chain of the upload.
     pub codec: String,
+    /// Error feedback around the codec (`none`, `ef`).
+    pub feedback: String,
+    /// The task's seed, as the server's Coordinator gave it: minibatches and random codec stages
+    /// draw from it, as they do in fl-sim.
+    pub seed: u64,
 }
 
 /// A finished task, ready to send (and to resend after a reconnection).
@@ -38,8 +44,8 @@ pub struct EncodedUpdate {
     pub meta: UpdateMeta,
     /// One encoded payload per uploaded part.
     pub parts: Vec<Vec<u8>>,
-    /// The client state to keep once the server has the update.
-    pub next_state: ClientState,
+    /// The device state (rule state, feedback memory) to keep once the server has the update.
+    pub next_state: DeviceState,
 }
 
 impl EncodedUpdate {
@@ -64,14 +70,13 @@ pub struct Trainer {
     rule: Box<dyn ClientRule>,
     data: LocalData,
     batch_size: usize,
-    seed: u64,
     split: Option<SplitRole>,
 }
 
 impl Trainer {
     /// A trainer for the run the server described, on `data`; fails when the local data does not
     /// fit the server's model.
-    pub fn new(client: ClientId, run: &RunDescription, data: LocalData, seed: u64) -> Result<Self> {
+    pub fn new(client: ClientId, run: &RunDescription, data: LocalData) -> Result<Self> {
         let rule: RuleConfig =
             serde_json::from_str(&run.rule_json).context("the server's rule is not one this client knows")?;
         let algorithm = rule.build().context("building the client rule")?;
@@ -111,7 +116,6 @@ impl Trainer {
             rule: algorithm.client,
             data,
             batch_size: run.batch_size.max(1) as usize,
-            seed,
             split,
         })
     }
@@ -129,11 +133,6 @@ impl Trainer {
     /// Local minibatch size.
     pub fn batch_size(&self) -> usize {
         self.batch_size
-    }
-
-    /// The seed of one task's minibatches and random codec stages (the engine's, as in fl-sim).
-    pub fn task_seed(&self, task: TaskId) -> u64 {
-        shoal_engine::task_seed(self.seed, task)
     }
 
     /// The metadata of an update of `spec` computed since `started`.
@@ -167,14 +166,18 @@ impl Trainer {
         &self,
         spec: &TaskSpec,
         broadcast: &Broadcast,
-        state: &ClientState,
+        state: &DeviceState,
     ) -> Result<EncodedUpdate> {
         let started = Instant::now();
-        let seed = self.task_seed(spec.task);
+        let seed = spec.seed;
         let codec: CodecSpec = spec
             .codec
             .parse()
             .with_context(|| format!("the server's codec `{}`", spec.codec))?;
+        let feedback: Feedback = spec
+            .feedback
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("the server's feedback: {e}"))?;
         let mut oracle = ModelOracle::new(
             self.model.clone(),
             self.data.dataset.clone(),
@@ -192,6 +195,7 @@ impl Trainer {
             },
             broadcast,
             codec: &codec,
+            feedback,
             layout: &layout,
             seed,
         };

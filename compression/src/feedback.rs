@@ -5,8 +5,52 @@
 //!   lost: after `T` rounds `Σ s + e = Σ u` (the memory holds everything not yet sent).
 //! - [`Ef21`]: keeps `h`, sends `c = C(u − h)`, `h ← h + c`; the receiver, keeping the same `h`,
 //!   reconstructs `h`. With the identity compressor `h = u` after every round.
+//!
+//! [`Feedback`] is the `feedback` key of an fl-sim experiment and of `server.toml`, which picks one
+//! of them for every upload; the memories persist across a client's tasks.
 
+use serde::{Deserialize, Serialize};
 use shoal_core::{CompressError, Compressor};
+use std::fmt;
+use std::str::FromStr;
+
+/// Error feedback on the uploads: the `feedback` configuration key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Feedback {
+    /// None: each upload is compressed on its own (the default).
+    #[default]
+    None,
+    /// Classic error feedback ([`ErrorFeedback`]): what compression dropped is added to the next
+    /// upload.
+    Ef,
+    /// EF21 ([`Ef21`]): the device sends the compressed change of its state `h_i`; the server keeps
+    /// the same `h_i` per client and folds it.
+    Ef21,
+}
+
+impl fmt::Display for Feedback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Feedback::None => "none",
+            Feedback::Ef => "ef",
+            Feedback::Ef21 => "ef21",
+        })
+    }
+}
+
+impl FromStr for Feedback {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Feedback::None),
+            "ef" => Ok(Feedback::Ef),
+            "ef21" => Ok(Feedback::Ef21),
+            other => Err(format!("unknown feedback `{other}` (none, ef, ef21)")),
+        }
+    }
+}
 
 fn check_len(state: &mut Vec<f32>, len: usize) -> Result<(), CompressError> {
     if state.is_empty() {
@@ -37,9 +81,19 @@ impl<C: Compressor> ErrorFeedback<C> {
         }
     }
 
+    /// `inner` with the memory `e` a previous upload left (empty: zero).
+    pub fn with_memory(inner: C, memory: Vec<f32>) -> Self {
+        Self { inner, memory }
+    }
+
     /// The error memory `e`.
     pub fn memory(&self) -> &[f32] {
         &self.memory
+    }
+
+    /// The compressor and the memory, to keep for the next upload.
+    pub fn into_parts(self) -> (C, Vec<f32>) {
+        (self.inner, self.memory)
     }
 }
 
@@ -79,9 +133,23 @@ impl<C: Compressor> Ef21<C> {
         }
     }
 
+    /// `inner` with the state `h` a previous upload left (empty: zero).
+    pub fn with_state(inner: C, h: Vec<f32>) -> Self {
+        Self {
+            inner,
+            h,
+            last_message: Vec::new(),
+        }
+    }
+
     /// The state `h` (what the receiver holds for this sender).
     pub fn h(&self) -> &[f32] {
         &self.h
+    }
+
+    /// The compressor and the state `h`, to keep for the next upload.
+    pub fn into_parts(self) -> (C, Vec<f32>) {
+        (self.inner, self.h)
     }
 
     /// The last message sent, `c = C(u − h)`.
@@ -107,4 +175,14 @@ impl<C: Compressor> Compressor for Ef21<C> {
     fn is_unbiased(&self) -> bool {
         false
     }
+}
+
+/// The receiver's half of EF21: the server keeps `h_i` for each sender and, for a message `c`,
+/// sets `h_i ← h_i + c` and folds `h_i`. Fails when `c` has another length than `h_i`.
+pub fn ef21_receive(h: &mut Vec<f32>, message: &[f32]) -> Result<(), CompressError> {
+    check_len(h, message.len())?;
+    for (h, c) in h.iter_mut().zip(message) {
+        *h += c;
+    }
+    Ok(())
 }

@@ -2,31 +2,29 @@
 //! fl-client compute the same numbers from the same inputs.
 //!
 //! **Where the line runs.** Everything that decides a number lives here or in the crates below
-//! (`shoal-aggregators` for the rules, schedulers and the Coordinator; `shoal-compression` for the
-//! codecs): which seed a task draws from, what a device computes and encodes for a task, which
-//! codec a rule may take. A driver decides only *when* (a real or a virtual clock), *where*
+//! (`shoal-aggregators` for the rules, schedulers and the Coordinator, which also derives each
+//! task's seed and sends it with the task; `shoal-compression` for the codecs): what a device
+//! computes and encodes for a task, which codec a rule may take. A driver decides only *when* (a real or a virtual clock), *where*
 //! (sockets, files, threads) and *how durably*. A driver that needs one of these steps calls this
 //! crate; it does not build its own.
 //!
-//! - [`seed`]: the seed of one task's minibatches and random codec stages, from the run's seed.
 //! - [`device`]: the device side of a federated task — the client rule on local data through a
-//!   gradient oracle, the upload encoded with the codec chain, the payloads a server decodes and
-//!   the rule state to keep once the server has the update.
+//!   gradient oracle, the upload encoded with the codec chain through error feedback, the payloads
+//!   a server decodes, and the state (rule state, feedback memory) to keep once the server has
+//!   the update.
 //! - [`server`]: the context a server rule applies an aggregation in (the population `N` before
 //!   and after, the local task).
-//! - [`pairing`]: which codecs suit which rules, checked when a configuration is loaded (fl-sim
-//!   experiments and fl-server's `server.toml` alike).
+//! - [`pairing`]: which codecs and which error feedback suit which rules, checked when a
+//!   configuration is loaded (fl-sim experiments and fl-server's `server.toml` alike).
 //!
 //! Split learning's device and server steps are in `shoal-split`, at the same level.
 
 pub mod device;
 pub mod pairing;
-pub mod seed;
 pub mod server;
 
-pub use device::{DeviceError, DeviceTask, DeviceUpdate, run_task};
-pub use pairing::{PairingError, check_codec};
-pub use seed::task_seed;
+pub use device::{DeviceError, DeviceState, DeviceTask, DeviceUpdate, run_task};
+pub use pairing::{FeedbackError, PairingError, check_codec, check_feedback};
 pub use server::apply_context;
 
 /// A rule from the text of its `[algorithm.rule]` table, for this crate's tests.

@@ -7,10 +7,58 @@
 //! | `scallion` | an unbiased codec (rand-k, QSGD, or none) | its model step is unbiased only for `E[C(v)] = v` (ALGORITHMS.md §3.3); for biased ones use `scafcom` |
 //! | `fedasync` | no sparsifier | it uploads a whole model: top-k or rand-k would zero most weights |
 //! | `scafcom` and the FedAvg family | any codec | SCAFCOM's momentum tracking absorbs a biased compressor (§3.4); FedAvg-family deltas take any |
+//!
+//! Error feedback (`feedback = "ef"` or `"ef21"`) wraps the codec of a dense upload, so it needs a
+//! lossy codec (with a lossless one it does nothing) and a rule whose upload the codec encodes:
+//! not SCALLION or SCAFCOM, which compress inside the rule with their own correction, nor FedAsync,
+//! which uploads a model rather than an update.
 
 use shoal_aggregators::RuleConfig;
 use shoal_compression::CodecSpec;
+use shoal_compression::feedback::Feedback;
 use thiserror::Error;
+
+/// Error feedback a rule and codec cannot take.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("feedback `{feedback}` cannot run with rule `{rule}` and codec `{codec}`: {reason}")]
+pub struct FeedbackError {
+    /// The feedback asked for.
+    pub feedback: Feedback,
+    /// The rule.
+    pub rule: &'static str,
+    /// The codec chain, as written canonically.
+    pub codec: String,
+    /// Why not.
+    pub reason: &'static str,
+}
+
+/// Checks that `feedback` can wrap `codec` for `rule`.
+pub fn check_feedback(rule: &RuleConfig, codec: &CodecSpec, feedback: Feedback) -> Result<(), FeedbackError> {
+    if feedback == Feedback::None {
+        return Ok(());
+    }
+    let reason = match rule {
+        RuleConfig::Scallion { .. } | RuleConfig::Scafcom { .. } => Some(
+            "the rule compresses its own upload inside its update, with its own correction of the compression              error; set feedback = \"none\"",
+        ),
+        RuleConfig::FedAsync => Some(
+            "fedasync uploads the whole local model, not an update, and error feedback carries an update's              dropped part into the next one",
+        ),
+        _ if codec.is_lossless() => Some(
+            "the codec is lossless, so there is no compression error to feed back; add a sparsifier or a              quantizer (e.g. topk(0.01)) or set feedback = \"none\"",
+        ),
+        _ => None,
+    };
+    match reason {
+        Some(reason) => Err(FeedbackError {
+            feedback,
+            rule: rule.name(),
+            codec: codec.to_string(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
 
 /// A codec a rule cannot take.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -129,6 +177,45 @@ mod tests {
         ];
         for (r, c) in ok {
             assert_eq!(check_codec(&rule(r), &codec(c)), Ok(()), "{r} with {c}");
+        }
+    }
+
+    #[test]
+    fn feedback_needs_a_lossy_codec_on_a_dense_upload() {
+        for feedback in [Feedback::Ef, Feedback::Ef21] {
+            for r in [
+                "rule = \"fedavg\"",
+                "rule = \"fedbuff\"",
+                "rule = \"fedavg-m\"\nbeta = 0.5\nglobal_step = 1.0",
+            ] {
+                assert_eq!(
+                    check_feedback(&rule(r), &codec("topk(0.01)"), feedback),
+                    Ok(()),
+                    "{r}"
+                );
+            }
+            for (r, c, why) in [
+                ("rule = \"fedavg\"", "identity", "lossless"),
+                ("rule = \"scaffold\"", "zstd(1)", "lossless"),
+                ("rule = \"scafcom\"", "topk(0.01)", "its own upload"),
+                (
+                    "rule = \"scallion\"\nalpha = 0.5",
+                    "randk(0.01)",
+                    "its own upload",
+                ),
+                ("rule = \"fedasync\"", "qsgd(8)", "whole local model"),
+            ] {
+                let r = rule(r);
+                let text = check_feedback(&r, &codec(c), feedback)
+                    .expect_err("refused")
+                    .to_string();
+                for needle in [r.name(), &codec(c).to_string(), &feedback.to_string(), why] {
+                    assert!(text.contains(needle), "{text} lacks {needle}");
+                }
+            }
+            for r in every_rule() {
+                assert_eq!(check_feedback(&r, &codec("identity"), Feedback::None), Ok(()));
+            }
         }
     }
 }

@@ -22,7 +22,7 @@ use shoal_core::{ClientId, ModelVersion, TaskId, UpdateMeta};
 pub const ALPN: &[u8] = b"shoal/1";
 
 /// The protocol version a Hello carries.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// What a device says about itself when it connects (the scheduler's hints; all optional but the
 /// sample count).
@@ -109,6 +109,11 @@ pub enum ServerMessage {
         lr: f32,
         /// The codec chain to encode the update with.
         codec: String,
+        /// Error feedback around the codec (`none`, `ef`): the device keeps its memory across tasks.
+        feedback: String,
+        /// The seed of every random choice the device makes for the task (minibatch order, random
+        /// codec stages): the Coordinator's, so a device computes what fl-sim computes for it.
+        seed: u64,
         /// Bytes of the model stream that follows.
         model_bytes: u64,
     },

@@ -66,6 +66,8 @@ fn server_messages() -> Vec<ServerMessage> {
             local_steps: 60,
             lr: 0.05,
             codec: "fedzip".into(),
+            feedback: "ef".into(),
+            seed: 0x5eed_0000_0000_0042,
             model_bytes: 796_840,
         },
         ServerMessage::Cancel { task: TaskId(4) },

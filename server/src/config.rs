@@ -7,6 +7,7 @@ use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
 use shoal_aggregators::{AlgorithmConfig, RuleConfig, SchedulerConfig};
 use shoal_compression::CodecSpec;
+use shoal_compression::feedback::Feedback;
 use shoal_model::data::DatasetName;
 use shoal_model::data::synthetic::SyntheticConfig;
 use shoal_model::zoo::ModelConfig;
@@ -179,6 +180,9 @@ pub struct ServerConfig {
     /// Upload codec chain.
     #[serde(default = "CodecSpec::identity")]
     pub codec: CodecSpec,
+    /// Error feedback around the codec: `none` (default) or `ef` (each client keeps its memory).
+    #[serde(default)]
+    pub feedback: Feedback,
     /// When to stop.
     #[serde(default)]
     pub stop: StopConfig,
@@ -257,6 +261,16 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<()> {
         // The engine's check of the codec against the rule: the same in fl-sim and fl-server.
         shoal_engine::check_codec(&self.algorithm.rule, &self.codec)?;
+        shoal_engine::check_feedback(&self.algorithm.rule, &self.codec, self.feedback)?;
+        ensure!(
+            self.feedback != Feedback::Ef21,
+            "feedback = \"ef21\" runs in fl-sim only for now: fl-server would need to keep every client's h_i \
+             durably beside its acknowledged updates; use feedback = \"ef\""
+        );
+        ensure!(
+            self.feedback == Feedback::None || self.split.is_none(),
+            "error feedback applies to federated uploads, not to [split] runs"
+        );
         ensure!(
             self.stop.rounds.is_some() || self.stop.target_accuracy.is_some(),
             "[stop] needs `rounds` or `target_accuracy`"
@@ -313,7 +327,7 @@ impl ServerConfig {
     /// A hash of everything that defines the run's results (not addresses, timeouts or storage),
     /// so a restart with another algorithm, model, codec or seed is refused.
     pub fn fingerprint(&self) -> u64 {
-        let defining = serde_json::json!({
+        let mut defining = serde_json::json!({
             "seed": self.seed,
             "data": self.data,
             "model": self.model,
@@ -321,6 +335,10 @@ impl ServerConfig {
             "codec": self.codec.to_string(),
             "split": self.split,
         });
+        // Only a run with feedback names it, so runs from before the key keep their fingerprint.
+        if self.feedback != Feedback::None {
+            defining["feedback"] = serde_json::json!(self.feedback);
+        }
         xxhash_rust::xxh3::xxh3_64(defining.to_string().as_bytes())
     }
 }
@@ -336,6 +354,7 @@ pub fn template(listen: SocketAddr, admin: SocketAddr) -> String {
 
 seed = 1                       # initial model and every scheduler choice
 codec = "identity"             # upload codec chain, e.g. "fedzip" or "topk(0.1) | kmeans(3) | huffman"
+feedback = "none"              # error feedback around a lossy codec: none | ef
 
 [data]
 dataset = "mnist"              # the model's input shape, and the held-out set of [eval]

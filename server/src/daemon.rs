@@ -86,6 +86,7 @@ pub(crate) enum ToClient {
     Task {
         task: TaskId,
         local_steps: u32,
+        seed: u64,
         broadcast: SharedBroadcast,
     },
     Cancel(TaskId),
@@ -106,10 +107,12 @@ struct Shared {
     limits: Limits,
     lr: f32,
     codec: String,
+    feedback: String,
     allow_anonymous: bool,
     transfer_timeout: Duration,
     uploads: AtomicU64,
-    finished: tokio::sync::watch::Receiver<bool>,
+    /// The last version, once the run is finished.
+    finished: tokio::sync::watch::Receiver<Option<ModelVersion>>,
     wire_in: AtomicU64,
     wire_out: AtomicU64,
 }
@@ -149,7 +152,7 @@ pub fn serve(dir: &DataDir, data_dir: Option<&Path>) -> Result<RunSummary> {
     let _ = std::fs::write(dir.root().join("listening"), local.to_string());
 
     let (requests, inbox) = std_mpsc::channel();
-    let (finished_tx, finished_rx) = tokio::sync::watch::channel(false);
+    let (finished_tx, finished_rx) = tokio::sync::watch::channel(None);
     let shared = Arc::new(Shared {
         requests: requests.clone(),
         layout: run.layout(),
@@ -167,6 +170,7 @@ pub fn serve(dir: &DataDir, data_dir: Option<&Path>) -> Result<RunSummary> {
         },
         lr: config.algorithm.local_lr,
         codec: config.codec.to_string(),
+        feedback: config.feedback.to_string(),
         allow_anonymous: config.server.allow_anonymous,
         transfer_timeout: Duration::from_secs_f64(config.server.transfer_timeout_s),
         uploads: AtomicU64::new(0),
@@ -229,7 +233,7 @@ pub fn serve(dir: &DataDir, data_dir: Option<&Path>) -> Result<RunSummary> {
         };
         let mut finished = shared.finished.clone();
         tokio::select! {
-            _ = finished.wait_for(|f| *f) => {
+            _ = finished.wait_for(Option::is_some) => {
                 // Let connections deliver the end of the run before closing the endpoint.
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -300,7 +304,7 @@ fn coordinate(
     mut run: Run,
     inbox: std_mpsc::Receiver<Request>,
     grace: Duration,
-    finished: tokio::sync::watch::Sender<bool>,
+    finished: tokio::sync::watch::Sender<Option<ModelVersion>>,
     metrics: tokio::sync::broadcast::Sender<crate::run::VersionMetrics>,
     to_top: mpsc::UnboundedSender<crate::run::LeafUpload>,
 ) -> Result<(RunSummary, Duration, PathBuf, bool)> {
@@ -371,7 +375,7 @@ fn coordinate(
             for c in connected.values() {
                 let _ = c.outbox.send(ToClient::Finished(version));
             }
-            let _ = finished.send(true);
+            let _ = finished.send(Some(version));
             break;
         }
     }
@@ -431,6 +435,7 @@ fn handle_request(
                             task: record.task,
                             version: record.version,
                             local_steps: record.local_steps,
+                            seed: record.seed,
                         });
                     } else {
                         // Its broadcast is gone: the task is lost and the scheduler moves on.
@@ -606,6 +611,7 @@ fn dispatch(run: &mut Run, outgoing: Vec<Outgoing>, connected: &mut HashMap<Clie
                 task,
                 version,
                 local_steps,
+                seed,
             } => {
                 let broadcast = run.broadcast().clone();
                 debug_assert_eq!(broadcast.version, version);
@@ -618,6 +624,7 @@ fn dispatch(run: &mut Run, outgoing: Vec<Outgoing>, connected: &mut HashMap<Clie
                         let _ = c.outbox.send(ToClient::Task {
                             task,
                             local_steps,
+                            seed,
                             broadcast,
                         });
                     }
@@ -891,7 +898,20 @@ impl Session {
         let (client, run) = match welcome.await {
             Ok(Ok(w)) => w,
             Ok(Err(message)) => return Err(Fatal(ErrorCode::Internal, message.to_string())),
-            Err(_) => return Err(Fatal(ErrorCode::Internal, "the server is stopping".into())),
+            Err(_) => {
+                // The coordinator is gone: a finished run says so, and the client exits cleanly.
+                let version = *shared.finished.borrow();
+                return match version {
+                    Some(version) => {
+                        write_message(send, &ServerMessage::Finished { version }).await?;
+                        let _ = send.finish();
+                        // Wait for the client to close (bounded), so the message is delivered.
+                        let _ = tokio::time::timeout(Duration::from_secs(5), self.conn.closed()).await;
+                        Ok(())
+                    }
+                    None => Err(Fatal(ErrorCode::Internal, "the server is stopping".into())),
+                };
+            }
         };
         self.client = Some(client);
         self.leaf = shared.leaves.contains(&name);
@@ -905,14 +925,9 @@ impl Session {
             },
         )
         .await?;
-        if *shared.finished.borrow() {
-            write_message(
-                send,
-                &ServerMessage::Finished {
-                    version: ModelVersion(0),
-                },
-            )
-            .await?;
+        let finished = *shared.finished.borrow();
+        if let Some(version) = finished {
+            write_message(send, &ServerMessage::Finished { version }).await?;
         }
         tracing::debug!(%client, name, "session open");
         // Split streams are served beside the control stream, for as long as the session lasts.
@@ -943,13 +958,15 @@ impl Session {
                 }
                 out = to_client.recv() => {
                     match out {
-                        Some(ToClient::Task { task, local_steps, broadcast }) => {
+                        Some(ToClient::Task { task, local_steps, seed, broadcast }) => {
                             write_message(send, &ServerMessage::Task {
                                 task,
                                 version: broadcast.version,
                                 local_steps,
                                 lr: shared.lr,
                                 codec: shared.codec.clone(),
+                                feedback: shared.feedback.clone(),
+                                seed,
                                 model_bytes: broadcast.bytes(),
                             }).await?;
                             // The model goes on its own stream, so control traffic is never behind it.
@@ -1111,7 +1128,11 @@ impl Session {
                 message,
             }),
             Ok(UpdateVerdict::Internal(message)) => Err(Fatal(ErrorCode::Internal, message)),
-            Err(_) => Err(Fatal(ErrorCode::Internal, "the server is stopping".into())),
+            // The coordinator is gone: after the end of the run, an update is no longer wanted.
+            Err(_) => match *shared.finished.borrow() {
+                Some(version) => Ok(ServerMessage::Finished { version }),
+                None => Err(Fatal(ErrorCode::Internal, "the server is stopping".into())),
+            },
         }
     }
 }

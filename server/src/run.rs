@@ -41,6 +41,8 @@ pub enum Outgoing {
         version: ModelVersion,
         /// Local steps.
         local_steps: u32,
+        /// The task's seed (the Coordinator's).
+        seed: u64,
     },
     /// Tell `client` to drop `task`.
     Cancel {
@@ -703,6 +705,7 @@ impl Run {
                     task,
                     version,
                     local_steps,
+                    seed,
                 } => {
                     if !replaying {
                         out.push(Outgoing::Task {
@@ -710,6 +713,7 @@ impl Run {
                             task,
                             version,
                             local_steps,
+                            seed,
                         });
                     }
                 }

@@ -109,8 +109,9 @@ pub struct SplitSteps {
 pub trait Workload {
     /// Bytes a device downloads to start a task on the current version.
     fn download_bytes(&self) -> u64;
-    /// Device `client` starts `task` on the current global state.
-    fn start(&mut self, task: TaskId, client: usize, local_steps: u32) -> Result<(), SimError>;
+    /// Device `client` starts `task` on the current global state; `seed` is the task's seed, as
+    /// the Coordinator gave it.
+    fn start(&mut self, task: TaskId, client: usize, local_steps: u32, seed: u64) -> Result<(), SimError>;
     /// The task's local work is done: its upload size and loss.
     fn finish(&mut self, task: TaskId) -> Result<Finished, SimError>;
     /// The task's upload reached the server and was accepted.
@@ -229,7 +230,9 @@ struct SplitServer {
     steps: HashMap<TaskId, SplitSteps>,
 }
 
-pub(crate) use shoal_engine::task_seed;
+/// Mixed into a task's seed for the simulated device's own behaviour (dropout, jitter), so it draws
+/// from another stream than the task's minibatches and codec stages.
+const DEVICE_BEHAVIOUR_STREAM: u64 = 0xd1ce_5eed_0f0f_1ee7;
 
 /// The engine over a fleet and a workload.
 pub struct Engine<W> {
@@ -237,7 +240,6 @@ pub struct Engine<W> {
     fleet: Fleet,
     workload: W,
     samples: Vec<u64>,
-    seed: u64,
     queue: BinaryHeap<Reverse<(Timestamp, u8, u64, Happening)>>,
     seq: u64,
     now: Timestamp,
@@ -260,7 +262,7 @@ pub struct Engine<W> {
 impl<W: Workload> Engine<W> {
     /// An engine in which device `i` holds `samples[i]` training samples. Devices online at time 0
     /// join then; the others when their window opens.
-    pub fn new(coordinator: Coordinator, fleet: Fleet, samples: Vec<u64>, workload: W, seed: u64) -> Self {
+    pub fn new(coordinator: Coordinator, fleet: Fleet, samples: Vec<u64>, workload: W) -> Self {
         let n = fleet.devices.len();
         let split = workload.split_serving();
         let mut engine = Self {
@@ -268,7 +270,6 @@ impl<W: Workload> Engine<W> {
             fleet,
             workload,
             samples,
-            seed,
             queue: BinaryHeap::new(),
             seq: 0,
             now: Timestamp::ZERO,
@@ -614,10 +615,12 @@ impl<W: Workload> Engine<W> {
                 task,
                 version,
                 local_steps,
+                seed,
             } => {
                 let device = client.0 as u32;
                 let profile = &self.fleet.devices[device as usize];
-                let mut rng = StdRng::seed_from_u64(task_seed(self.seed, task));
+                // The device's behaviour (dropout, jitter) draws from its own stream of the task's seed.
+                let mut rng = StdRng::seed_from_u64(seed ^ DEVICE_BEHAVIOUR_STREAM);
                 let drops = profile.dropout > 0.0 && rng.random::<f64>() < profile.dropout;
                 let jitter = if self.fleet.jitter > 0.0 {
                     LogNormal::new(0.0, self.fleet.jitter).map_or(1.0, |d| d.sample(&mut rng))
@@ -629,7 +632,7 @@ impl<W: Workload> Engine<W> {
                 let seconds = profile
                     .down
                     .transfer_s(sent.as_secs_f64(), self.workload.download_bytes());
-                self.workload.start(task, device as usize, local_steps)?;
+                self.workload.start(task, device as usize, local_steps, seed)?;
                 self.tasks.insert(
                     task,
                     TaskRun {
@@ -738,7 +741,7 @@ mod tests {
         fn download_bytes(&self) -> u64 {
             1_000_000
         }
-        fn start(&mut self, _: TaskId, _: usize, _: u32) -> Result<(), SimError> {
+        fn start(&mut self, _: TaskId, _: usize, _: u32, _: u64) -> Result<(), SimError> {
             self.started += 1;
             Ok(())
         }
@@ -774,8 +777,8 @@ mod tests {
         fn download_bytes(&self) -> u64 {
             self.inner.download_bytes()
         }
-        fn start(&mut self, task: TaskId, client: usize, steps: u32) -> Result<(), SimError> {
-            self.inner.start(task, client, steps)
+        fn start(&mut self, task: TaskId, client: usize, steps: u32, seed: u64) -> Result<(), SimError> {
+            self.inner.start(task, client, steps, seed)
         }
         fn finish(&mut self, task: TaskId) -> Result<Finished, SimError> {
             self.inner.finish(task)
@@ -843,7 +846,7 @@ mod tests {
             computed_at: Vec::new(),
         };
         // Uploads of the head update go at 8 Mbit/s too: 250 kB in 0.25 s.
-        let mut engine = Engine::new(coordinator, fleet, vec![10; 2], workload, 1);
+        let mut engine = Engine::new(coordinator, fleet, vec![10; 2], workload);
         let first = engine
             .next_aggregation(Timestamp::from_secs_f64(100.0))
             .unwrap()
@@ -899,7 +902,7 @@ mod tests {
             ..FleetConfig::default()
         };
         let fleet = cfg.build(3, 0.1, None, 0).unwrap();
-        let mut engine = Engine::new(sync_fedavg(3), fleet, vec![10; 3], Counting::default(), 1);
+        let mut engine = Engine::new(sync_fedavg(3), fleet, vec![10; 3], Counting::default());
         let first = engine
             .next_aggregation(Timestamp::from_secs_f64(100.0))
             .unwrap()
@@ -941,7 +944,7 @@ mod tests {
                 spawn_us: 0.0,
             },
         };
-        let mut engine = Engine::new(sync_fedavg(3), fleet, vec![10; 3], Counting::default(), 1)
+        let mut engine = Engine::new(sync_fedavg(3), fleet, vec![10; 3], Counting::default())
             .charge_aggregation(server.timeline(500_000_000));
         let until = Timestamp::from_secs_f64(100.0);
         let first = engine.next_aggregation(until).unwrap().unwrap();
@@ -978,7 +981,7 @@ mod tests {
             };
             cfg.build(0).unwrap().1
         };
-        let mut engine = Engine::new(coordinator, fleet, vec![10; 20], Counting::default(), 9);
+        let mut engine = Engine::new(coordinator, fleet, vec![10; 20], Counting::default());
         let mut rounds = 0;
         while let Some(a) = engine.next_aggregation(Timestamp::from_secs_f64(1e6)).unwrap() {
             assert!(a.updates >= 1);

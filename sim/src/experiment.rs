@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use shoal_aggregators::AlgorithmConfig;
 use shoal_aggregators::hierarchy::TimelineStats;
 use shoal_compression::CodecSpec;
+use shoal_compression::feedback::Feedback;
 use shoal_core::Params;
 use shoal_core::Timestamp;
 use shoal_model::Model;
@@ -134,6 +135,9 @@ pub struct ExperimentConfig {
     /// Upload codec chain (default: dense f32).
     #[serde(default = "CodecSpec::identity")]
     pub codec: CodecSpec,
+    /// Error feedback around the codec: `none` (default), `ef` or `ef21`.
+    #[serde(default)]
+    pub feedback: Feedback,
     /// The devices.
     #[serde(default)]
     pub fleet: FleetConfig,
@@ -212,6 +216,7 @@ impl ExperimentConfig {
     pub fn validate(&self) -> Result<()> {
         // The engine's check of the codec against the rule: the same in fl-sim and fl-server.
         shoal_engine::check_codec(&self.algorithm.rule, &self.codec)?;
+        shoal_engine::check_feedback(&self.algorithm.rule, &self.codec, self.feedback)?;
         ensure!(
             self.stop.rounds.is_some() || self.stop.time_s.is_some(),
             "[stop] needs `rounds` or `time_s` (a target accuracy alone may never be reached)"
@@ -249,6 +254,10 @@ impl ExperimentConfig {
         match (&self.split, self.mode) {
             (Some(split), Mode::Split) => {
                 split.check_algorithm(&self.algorithm)?;
+                ensure!(
+                    self.feedback == Feedback::None,
+                    "error feedback applies to federated uploads, not to split runs"
+                );
                 ensure!(
                     self.server.gflops.is_finite() && self.server.gflops > 0.0 && self.server.lanes >= 1,
                     "[server] needs gflops > 0 and lanes ≥ 1"
@@ -506,7 +515,7 @@ pub fn run(
             let base = config.base_step_time(&model);
             let fleet = config.fleet.build(count, base, root.as_deref(), config.seed)?;
             let workload = SystemsWorkload::for_model(model.layout(), &config.codec, config.seed)?;
-            let engine = Engine::new(coordinator, fleet, vec![1; count], workload, config.seed);
+            let engine = Engine::new(coordinator, fleet, vec![1; count], workload);
             let engine = charge_server(engine, config, parts * model.num_params());
             drive(
                 config,
@@ -519,18 +528,8 @@ pub fn run(
             )
         }
         Mode::Training => {
-            let loaded = load(config, root.as_deref())?;
-            let (model, test) = (loaded.model, loaded.test);
-            let workload = TrainingWorkload::new(TrainingSetup {
-                model: model.clone(),
-                train: loaded.train,
-                partition: loaded.partition,
-                batch_size: config.model.batch_size,
-                config: config.algorithm.clone(),
-                codec: config.codec.clone(),
-                seed: config.seed,
-            })?;
-            let engine = Engine::new(coordinator, loaded.fleet, loaded.samples, workload, config.seed);
+            let (engine, test) = training_engine(config, root.as_deref(), coordinator)?;
+            let model = engine.workload().shared_model();
             let engine = charge_server(engine, config, parts * model.num_params());
             let batch_size = config.eval.batch_size;
             let evaluate = |engine: &Engine<TrainingWorkload>| {
@@ -541,6 +540,45 @@ pub fn run(
         }
         Mode::Split => run_split(config, root.as_deref(), coordinator, start, progress),
     }
+}
+
+/// The engine of a training experiment as [`run`] builds it (without charging the server's
+/// aggregation on the clock), and its held-out set: for callers that step it one version at a time
+/// and read the model after each ([`Engine::next_aggregation`], [`TrainingWorkload::model_params`]).
+pub fn training_engine_for(
+    config: &ExperimentConfig,
+    data_dir: Option<&Path>,
+) -> Result<(Engine<TrainingWorkload>, Dataset)> {
+    config.validate()?;
+    ensure!(
+        config.mode == Mode::Training,
+        "a training engine needs mode = \"training\""
+    );
+    let root = config.data_root(data_dir);
+    let (_, coordinator) = config.algorithm.build(config.seed)?;
+    training_engine(config, root.as_deref(), coordinator)
+}
+
+fn training_engine(
+    config: &ExperimentConfig,
+    root: Option<&Path>,
+    coordinator: shoal_aggregators::Coordinator,
+) -> Result<(Engine<TrainingWorkload>, Dataset)> {
+    let loaded = load(config, root)?;
+    let workload = TrainingWorkload::new(TrainingSetup {
+        model: loaded.model,
+        train: loaded.train,
+        partition: loaded.partition,
+        batch_size: config.model.batch_size,
+        config: config.algorithm.clone(),
+        codec: config.codec.clone(),
+        feedback: config.feedback,
+        seed: config.seed,
+    })?;
+    Ok((
+        Engine::new(coordinator, loaded.fleet, loaded.samples, workload),
+        loaded.test,
+    ))
 }
 
 /// The engine, charging the server's aggregation on the clock when `[server.aggregation]` asks,
@@ -631,7 +669,7 @@ fn run_split(
         server: config.server,
         seed: config.seed,
     })?;
-    let engine = Engine::new(coordinator, loaded.fleet, loaded.samples, workload, config.seed);
+    let engine = Engine::new(coordinator, loaded.fleet, loaded.samples, workload);
     // fl-server folds a split update as one dense vector [head | tail].
     let cut = engine.workload().split_model();
     let values = cut.head.num_params() + cut.tail.num_params();

@@ -9,7 +9,7 @@
 //! the server's one tail and are computed one at a time, when the server takes them. Folding and
 //! aggregation average heads (and V1 tails) with the scheduler's weights.
 
-use crate::engine::{Finished, SimError, SplitServing, SplitSteps, Workload, task_seed};
+use crate::engine::{Finished, SimError, SplitServing, SplitSteps, Workload};
 use crate::server::ServerModel;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -34,6 +34,8 @@ struct Started {
     local_steps: u32,
     head: Vec<f32>,
     session: Option<TailSession>,
+    /// The task's seed, as the Coordinator gave it.
+    seed: u64,
 }
 
 struct Computed {
@@ -85,7 +87,6 @@ struct Context {
     batch_size: usize,
     lr: f32,
     codec: CodecSpec,
-    seed: u64,
 }
 
 /// Real SplitFed training of a cut model on partitioned data.
@@ -134,7 +135,6 @@ impl SplitWorkload {
                 batch_size: setup.batch_size,
                 lr: setup.lr,
                 codec: setup.codec,
-                seed: setup.seed,
             },
             server,
             serving,
@@ -199,7 +199,7 @@ impl Context {
         started: Started,
         tail: Option<&mut TailSession>,
     ) -> Result<Computed, SimError> {
-        let seed = task_seed(self.seed, task);
+        let seed = started.seed;
         let mut head = self
             .config
             .head_runner(self.split.clone(), started.head, self.lr, self.batch_size);
@@ -238,7 +238,7 @@ impl Workload for SplitWorkload {
         (self.server.head().len() * 4) as u64
     }
 
-    fn start(&mut self, task: TaskId, client: usize, local_steps: u32) -> Result<(), SimError> {
+    fn start(&mut self, task: TaskId, client: usize, local_steps: u32, seed: u64) -> Result<(), SimError> {
         if client >= self.ctx.partition.len() {
             return Err(SimError::UnknownTask(task));
         }
@@ -249,6 +249,7 @@ impl Workload for SplitWorkload {
                 local_steps,
                 head: self.server.head().to_vec(),
                 session: self.server.session(),
+                seed,
             },
         );
         Ok(())

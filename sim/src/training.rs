@@ -6,16 +6,17 @@
 //! and the server folds what it decodes from those bytes — so accuracy and bytes are both real.
 //! Tasks that have started are computed together, in parallel, when the first of them is needed;
 //! each depends only on the broadcast it started from, its client's state at that moment, and a
-//! seed derived from its task id, so the result is the same whatever the batching or thread count.
+//! seed the Coordinator gave it, so the result is the same whatever the batching or thread count.
 //! A client's persistent state (control variates, momentum) moves only when its upload is
 //! delivered; a cancelled or lost task leaves it as it was.
 
 use crate::engine::{Finished, SimError, Workload};
 use rayon::prelude::*;
-use shoal_aggregators::{Accumulator, Algorithm, AlgorithmConfig, Broadcast, ClientState, ServerState};
+use shoal_aggregators::{Accumulator, Algorithm, AlgorithmConfig, Broadcast, ServerState};
+use shoal_compression::feedback::Feedback;
 use shoal_compression::{CodecCompressor, CodecSpec};
 use shoal_core::{Layout, TaskId};
-use shoal_engine::{DeviceTask, apply_context, run_task, task_seed};
+use shoal_engine::{DeviceState, DeviceTask, apply_context, run_task};
 use shoal_model::data::Dataset;
 use shoal_model::train::{Evaluation, evaluate};
 use shoal_model::{Model, ModelOracle};
@@ -27,7 +28,9 @@ struct Started {
     client: usize,
     local_steps: u32,
     broadcast: Broadcast,
-    state: ClientState,
+    state: DeviceState,
+    /// The task's seed, as the Coordinator gave it.
+    seed: u64,
 }
 
 /// A computed task: what the server decodes, and the client's state if it is delivered.
@@ -36,7 +39,7 @@ struct Computed {
     parts: Vec<Vec<f32>>,
     bytes: u64,
     loss: f32,
-    state: ClientState,
+    state: DeviceState,
 }
 
 /// What every task of a run shares.
@@ -48,13 +51,13 @@ struct Shared {
     algorithm: Algorithm,
     config: AlgorithmConfig,
     codec: CodecSpec,
+    feedback: Feedback,
     layout: Arc<Layout>,
-    seed: u64,
 }
 
 impl Shared {
-    fn compute(&self, task: TaskId, started: Started) -> Result<Computed, SimError> {
-        let seed = task_seed(self.seed, task);
+    fn compute(&self, started: Started) -> Result<Computed, SimError> {
+        let seed = started.seed;
         let mut oracle = ModelOracle::new(
             self.model.clone(),
             self.train.clone(),
@@ -68,6 +71,7 @@ impl Shared {
             local: self.config.local_task(started.local_steps),
             broadcast: &started.broadcast,
             codec: &self.codec,
+            feedback: self.feedback,
             layout: &self.layout,
             seed,
         };
@@ -87,7 +91,7 @@ pub struct TrainingWorkload {
     shared: Shared,
     state: ServerState,
     accumulator: Accumulator,
-    clients: Vec<ClientState>,
+    clients: Vec<DeviceState>,
     broadcast: Broadcast,
     download_bytes: u64,
     started: BTreeMap<TaskId, Started>,
@@ -114,6 +118,8 @@ pub struct TrainingSetup {
     pub config: AlgorithmConfig,
     /// The upload codec.
     pub codec: CodecSpec,
+    /// Error feedback around it; each simulated client keeps its own memory across its tasks.
+    pub feedback: Feedback,
     /// Seed of the initial model and of every task.
     pub seed: u64,
 }
@@ -126,7 +132,7 @@ impl TrainingWorkload {
         let dim = x0.len();
         let state = algorithm.server.init_state(x0);
         let broadcast = state.broadcast();
-        let clients = vec![ClientState::default(); setup.partition.len()];
+        let clients = vec![DeviceState::default(); setup.partition.len()];
         Ok(Self {
             accumulator: algorithm.server.accumulator(dim),
             download_bytes: broadcast_bytes(&broadcast),
@@ -142,7 +148,7 @@ impl TrainingWorkload {
                 algorithm,
                 config: setup.config,
                 codec: setup.codec,
-                seed: setup.seed,
+                feedback: setup.feedback,
             },
             started: BTreeMap::new(),
             computed: HashMap::new(),
@@ -159,6 +165,16 @@ impl TrainingWorkload {
         &self.shared.model
     }
 
+    /// The server rule's state: the model and the global vectors the rule keeps.
+    pub fn server_state(&self) -> &ServerState {
+        &self.state
+    }
+
+    /// The network, shared.
+    pub fn shared_model(&self) -> Arc<Model> {
+        self.shared.model.clone()
+    }
+
     /// Accuracy and loss of the global model on `data`.
     pub fn evaluate(&self, data: &Dataset, batch_size: usize) -> Result<Evaluation, SimError> {
         Ok(evaluate(&self.shared.model, &self.state.x, data, batch_size)?)
@@ -172,7 +188,7 @@ impl TrainingWorkload {
             .into_iter()
             .collect::<Vec<_>>()
             .into_par_iter()
-            .map(|(task, s)| (task, shared.compute(task, s)))
+            .map(|(task, s)| (task, shared.compute(s)))
             .collect();
         for (task, result) in results {
             self.computed.insert(task, result?);
@@ -186,7 +202,7 @@ impl Workload for TrainingWorkload {
         self.download_bytes
     }
 
-    fn start(&mut self, task: TaskId, client: usize, local_steps: u32) -> Result<(), SimError> {
+    fn start(&mut self, task: TaskId, client: usize, local_steps: u32, seed: u64) -> Result<(), SimError> {
         let state = self
             .clients
             .get(client)
@@ -199,6 +215,7 @@ impl Workload for TrainingWorkload {
                 local_steps,
                 broadcast: self.broadcast.clone(),
                 state,
+                seed,
             },
         );
         Ok(())
@@ -281,7 +298,7 @@ impl Workload for SystemsWorkload {
     fn download_bytes(&self) -> u64 {
         self.download_bytes
     }
-    fn start(&mut self, _: TaskId, _: usize, _: u32) -> Result<(), SimError> {
+    fn start(&mut self, _: TaskId, _: usize, _: u32, _: u64) -> Result<(), SimError> {
         Ok(())
     }
     fn finish(&mut self, _: TaskId) -> Result<Finished, SimError> {

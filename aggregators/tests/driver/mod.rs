@@ -67,6 +67,8 @@ pub struct Driver {
     /// Probability-free failure pattern: job numbers (per client) that fail.
     failing: Box<dyn FnMut(usize, u64) -> bool>,
     samples: Vec<u64>,
+    /// The run's seed, which task seeds derive from.
+    seed: u64,
     jobs: Vec<u64>,
     queue: BinaryHeap<Reverse<(Timestamp, u8, u64, Pending)>>,
     seq: u64,
@@ -91,6 +93,7 @@ impl Driver {
             step_time,
             failing: Box::new(|_, _| false),
             samples,
+            seed,
             jobs: vec![0; n],
             queue: BinaryHeap::new(),
             seq: 0,
@@ -182,6 +185,7 @@ impl Driver {
                 task,
                 version,
                 local_steps,
+                seed,
             } => {
                 assert!(
                     self.registered.contains(&client),
@@ -199,6 +203,13 @@ impl Driver {
                 let i = client.0 as usize;
                 let job = self.jobs[i];
                 self.jobs[i] += 1;
+                // A task's seed depends on its client and that client's task count alone, never on
+                // the order in which other clients' updates arrived.
+                assert_eq!(
+                    seed,
+                    shoal_aggregators::task_seed(self.seed, client, job),
+                    "{task}, the task {job} of {client}, has another seed"
+                );
                 let per_step = (self.step_time)(i, job);
                 let finish = self.now.after_micros(per_step * u64::from(local_steps));
                 let fails = (self.failing)(i, job);

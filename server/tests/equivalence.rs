@@ -1,0 +1,348 @@
+//! The deployment is the simulation. fl-server's daemon and three fl-client agents run in this
+//! test process, over QUIC with mutual TLS on loopback, on synthetic data with a small model; fl-sim
+//! runs the same experiment with the same seeds. Under synchronous rounds with full participation
+//! every committed version — its model and every global vector the rule keeps (c, g, x_prev, the
+//! momentum) — equals fl-sim's to 1e-5 relative, for every rule with a codec that suits it, and
+//! both sides count the same upload bytes. Under the asynchronous schedulers, where arrival order
+//! is the network's, each acknowledged update is folded into exactly one version.
+
+// Helpers outside #[test] functions unwrap too: a failure there is the test failing.
+#![allow(clippy::unwrap_used)]
+
+use shoal_aggregators::ServerState;
+use shoal_client::agent::{AgentOptions, AgentReport};
+use shoal_client::local_data::DataSource;
+use shoal_core::{ClientId, ModelVersion, Timestamp};
+use shoal_model::data::DatasetName;
+use shoal_model::data::partition::PartitionSpec;
+use shoal_net::tls;
+use shoal_server::config::ServerConfig;
+use shoal_server::datadir::{self, DataDir};
+use shoal_server::run::RunSummary;
+use shoal_server::store::Store;
+use shoal_sim::experiment::{ExperimentConfig, training_engine_for};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+const CLIENTS: usize = 3;
+const VERSIONS: u64 = 3;
+const SEED: u64 = 11;
+
+/// What fl-sim and fl-server read alike: seed, codec, feedback, `[model]` and `[algorithm]`.
+fn method(rule: &str, scheduler: &str, codec: &str, feedback: &str) -> String {
+    format!(
+        r#"
+seed = {SEED}
+codec = "{codec}"
+feedback = "{feedback}"
+
+[model]
+name = "mlp"
+batch_size = 10
+
+[algorithm]
+local_steps = 4
+local_lr = 0.05
+
+[algorithm.rule]
+{rule}
+
+[algorithm.scheduler]
+{scheduler}
+"#
+    )
+}
+
+/// Synchronous rounds in which every client trains.
+fn full_rounds() -> String {
+    format!("scheduler = \"sync\"\nclients_per_round = {CLIENTS}")
+}
+
+/// The experiment fl-sim runs: the method on an IID split of the synthetic set.
+fn experiment(method: &str) -> ExperimentConfig {
+    let text = format!(
+        "{method}\n[data]\ndataset = \"synthetic\"\npartition = {{ kind = \"iid\", num_clients = {CLIENTS} }}\n\n[stop]\nrounds = {VERSIONS}\n"
+    );
+    toml::from_str(&text).unwrap()
+}
+
+/// fl-sim's server state after each version, from version 0.
+fn simulated(method: &str) -> (Vec<ServerState>, u64) {
+    let config = experiment(method);
+    let (mut engine, _) = training_engine_for(&config, None).unwrap();
+    let mut states = vec![engine.workload().server_state().clone()];
+    while let Some(aggregated) = engine.next_aggregation(Timestamp(u64::MAX)).unwrap() {
+        states.push(engine.workload().server_state().clone());
+        if aggregated.version.0 >= VERSIONS {
+            break;
+        }
+    }
+    (states, engine.stats().bytes_up)
+}
+
+/// A deployment's outcome: every committed state, the tasks folded into each version, the run's
+/// summary and the agents' reports.
+struct Deployed {
+    states: Vec<ServerState>,
+    tasks: BTreeMap<u64, Vec<u64>>,
+    summary: RunSummary,
+    reports: Vec<AgentReport>,
+}
+
+/// Runs `method` on fl-server's daemon with three fl-client agents in this process.
+fn deployed(method: &str) -> Deployed {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let root = tempfile::tempdir().unwrap();
+    let dir = DataDir::new(root.path());
+    let loopback = "127.0.0.1:0".parse().unwrap();
+    datadir::init(&dir, "localhost", &["localhost".to_string()], loopback, loopback).unwrap();
+    let text = format!(
+        "{method}\n[data]\ndataset = \"synthetic\"\n\n[stop]\nrounds = {VERSIONS}\n\n[eval]\nenabled = false\n\n\
+         [server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n"
+    );
+    std::fs::write(dir.config(), text).unwrap();
+    let config = ServerConfig::load(&dir.config()).unwrap();
+    // Client ids in the order of the simulated fleet (a deployment numbers clients by first
+    // Hello, which is a race here): device-i is client i, which trains partition i in fl-sim.
+    {
+        let store = Store::open(&dir.root().join("state"), config.fingerprint()).unwrap();
+        for i in 0..CLIENTS {
+            let name = format!("device-{i}");
+            datadir::issue_client(&dir, &name).unwrap();
+            assert_eq!(store.client_id(&name).unwrap(), ClientId(i as u64));
+        }
+    }
+    let server = std::thread::spawn({
+        let dir = DataDir::new(root.path());
+        move || shoal_server::daemon::serve(&dir, None)
+    });
+    let listening = dir.root().join("listening");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let address = loop {
+        if let Ok(text) = std::fs::read_to_string(&listening)
+            && let Ok(address) = text.trim().parse()
+        {
+            break address;
+        }
+        assert!(!server.is_finished(), "fl-server stopped before it listened");
+        assert!(Instant::now() < deadline, "fl-server did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let agent = |i: usize| {
+        let identity = dir.client_dir(&format!("device-{i}"));
+        AgentOptions {
+            server: address,
+            server_name: "localhost".into(),
+            ca_pem: std::fs::read_to_string(identity.join("ca.pem")).unwrap(),
+            identity: Some(
+                tls::read_pem_pair(&identity.join("client.pem"), &identity.join("client.key")).unwrap(),
+            ),
+            name: format!("device-{i}"),
+            data: DataSource::Partition {
+                dataset: DatasetName::Synthetic,
+                data_dir: None,
+                partition: PartitionSpec::Iid { num_clients: CLIENTS },
+                index: i,
+                seed: SEED,
+            },
+            seed: i as u64,
+            give_up_after: Duration::from_secs(60),
+            pipeline: None,
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (a, b, c) = runtime.block_on(async {
+        tokio::join!(
+            shoal_client::agent::run(agent(0)),
+            shoal_client::agent::run(agent(1)),
+            shoal_client::agent::run(agent(2)),
+        )
+    });
+    let reports = vec![a.unwrap(), b.unwrap(), c.unwrap()];
+    let summary = server.join().unwrap().unwrap();
+    let store = Store::open(&dir.root().join("state"), config.fingerprint()).unwrap();
+    let mut states = Vec::new();
+    let mut tasks: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for record in store.version_records().unwrap() {
+        assert_eq!(
+            record.version,
+            ModelVersion(states.len() as u64),
+            "versions in order"
+        );
+        states.push(store.load_version(record.version).unwrap());
+        for task in record.tasks {
+            tasks.entry(task.0).or_default().push(record.version.0);
+        }
+    }
+    Deployed {
+        states,
+        tasks,
+        summary,
+        reports,
+    }
+}
+
+/// The largest difference between two vectors, relative to the larger of their largest values.
+fn relative_gap(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = a
+        .iter()
+        .chain(b)
+        .fold(0f64, |m, v| m.max(f64::from(v.abs())))
+        .max(1e-12);
+    let gap = a
+        .iter()
+        .zip(b)
+        .fold(0f64, |m, (x, y)| m.max(f64::from((x - y).abs())));
+    gap / scale
+}
+
+/// A vector of a server state by name, beside the same vector of another state (if it has one).
+type Paired<'a> = (&'static str, &'a [f32], Option<&'a [f32]>);
+
+/// Every vector of two server states, side by side, by name.
+fn vectors<'a>(a: &'a ServerState, b: &'a ServerState) -> Vec<Paired<'a>> {
+    let pairs = [
+        ("c", &a.c, &b.c),
+        ("g", &a.g, &b.g),
+        ("momentum", &a.momentum, &b.momentum),
+        ("x_prev", &a.x_prev, &b.x_prev),
+    ];
+    let mut out = vec![("x", a.x.as_slice(), Some(b.x.as_slice()))];
+    for (name, left, right) in pairs {
+        if let Some(left) = left {
+            out.push((name, left.as_slice(), right.as_deref()));
+        }
+    }
+    out
+}
+
+fn assert_deployment_equals_simulation(rule: &str, codec: &str) {
+    assert_deployment_equals_simulation_with(rule, codec, "none");
+}
+
+fn assert_deployment_equals_simulation_with(rule: &str, codec: &str, feedback: &str) {
+    let method = method(rule, &full_rounds(), codec, feedback);
+    let (simulated, sim_bytes_up) = simulated(&method);
+    let deployed = deployed(&method);
+    let label = format!(
+        "`{}` with `{codec}`, feedback `{feedback}`",
+        rule.lines().next().unwrap_or(rule)
+    );
+    assert_eq!(
+        deployed.states.len(),
+        simulated.len(),
+        "{label}: versions committed by fl-server and by fl-sim"
+    );
+    for (v, (server, sim)) in deployed.states.iter().zip(&simulated).enumerate() {
+        assert_eq!(
+            (
+                server.c.is_some(),
+                server.g.is_some(),
+                server.momentum.is_some(),
+                server.x_prev.is_some()
+            ),
+            (
+                sim.c.is_some(),
+                sim.g.is_some(),
+                sim.momentum.is_some(),
+                sim.x_prev.is_some()
+            ),
+            "{label}: version {v} keeps other vectors"
+        );
+        for (name, left, right) in vectors(server, sim) {
+            let gap = relative_gap(left, right.unwrap());
+            assert!(
+                gap <= 1e-5,
+                "{label}: version {v}'s {name} differs by {gap:e} (relative)"
+            );
+        }
+    }
+    // The same payloads crossed the wire.
+    assert_eq!(deployed.summary.bytes_up, sim_bytes_up, "{label}: upload bytes");
+    assert_eq!(
+        deployed.summary.updates_folded,
+        VERSIONS * CLIENTS as u64,
+        "{label}"
+    );
+    assert!(
+        deployed.tasks.values().all(|v| v.len() == 1),
+        "{label}: an update folded twice"
+    );
+    for report in &deployed.reports {
+        assert_eq!(
+            report.final_version, VERSIONS,
+            "{label}: an agent did not see the end"
+        );
+    }
+    // The model moved: equality of two runs that did nothing would prove nothing.
+    let moved = relative_gap(&deployed.states[0].x, &deployed.states[VERSIONS as usize].x);
+    assert!(moved > 1e-3, "{label}: the model barely moved ({moved:e})");
+}
+
+#[test]
+fn fedavg_over_quic_equals_fl_sim() {
+    assert_deployment_equals_simulation("rule = \"fedavg\"", "identity");
+    assert_deployment_equals_simulation("rule = \"fedavg\"", "fedzip");
+    // Each client's error-feedback memory carries over from task to task in both drivers.
+    assert_deployment_equals_simulation_with("rule = \"fedavg\"", "topk(0.1)", "ef");
+    assert_deployment_equals_simulation_with("rule = \"fedavgm\"", "topk(0.1) | fp16", "ef");
+}
+
+#[test]
+fn server_momentum_over_quic_equals_fl_sim() {
+    assert_deployment_equals_simulation("rule = \"fedavgm\"\nserver_lr = 1.0\nmomentum = 0.9", "identity");
+    assert_deployment_equals_simulation("rule = \"fedavg-m\"\nbeta = 0.5\nglobal_step = 1.0", "identity");
+    assert_deployment_equals_simulation(
+        "rule = \"fedavg-m\"\nbeta = 0.5\nglobal_step = 1.0\nvariance_reduced = true",
+        "identity",
+    );
+}
+
+#[test]
+fn control_variates_over_quic_equal_fl_sim() {
+    assert_deployment_equals_simulation("rule = \"scaffold\"", "identity");
+    assert_deployment_equals_simulation("rule = \"scaffold\"\nuplink = \"halved\"", "zstd(1)");
+    assert_deployment_equals_simulation("rule = \"scaffold-m\"\nbeta = 0.5\nglobal_step = 1.0", "identity");
+    assert_deployment_equals_simulation(
+        "rule = \"scaffold-m\"\nbeta = 0.5\nglobal_step = 1.0\nvariance_reduced = true",
+        "identity",
+    );
+    assert_deployment_equals_simulation("rule = \"scallion\"\nalpha = 0.1", "randk(0.1)");
+    assert_deployment_equals_simulation(
+        "rule = \"scallion\"\nalpha = 0.1\nalpha_placement = \"payload\"",
+        "randk(0.1)",
+    );
+    assert_deployment_equals_simulation("rule = \"scafcom\"\nbeta = 0.2", "topk(0.1)");
+}
+
+/// Each acknowledged update of an asynchronous run is folded into exactly one version.
+fn assert_each_update_folded_once(rule: &str, scheduler: &str) {
+    let deployed = deployed(&method(rule, scheduler, "identity", "none"));
+    let label = format!("`{rule}` under `{scheduler}`");
+    assert_eq!(deployed.states.len(), VERSIONS as usize + 1, "{label}");
+    assert!(
+        deployed.tasks.values().all(|v| v.len() == 1),
+        "{label}: an update folded twice"
+    );
+    let folded = deployed.tasks.len() as u64;
+    assert_eq!(folded, deployed.summary.updates_folded, "{label}");
+    let accepted: u64 = deployed.reports.iter().map(|r| r.accepted).sum();
+    assert!(
+        accepted >= folded,
+        "{label}: {folded} folded but {accepted} acknowledged"
+    );
+}
+
+#[test]
+fn asynchronous_schedulers_over_quic_fold_each_update_once() {
+    assert_each_update_folded_once("rule = \"fedbuff\"", "scheduler = \"fedbuff\"\nbuffer_size = 2");
+    assert_each_update_folded_once("rule = \"fedasync\"", "scheduler = \"fedasync\"");
+}
