@@ -7,13 +7,14 @@
 //! exits cleanly when the server says the run is finished.
 
 use crate::local_data::DataSource;
+use crate::saved_state::{SavedDevice, StateFile};
 use crate::split_task::{self, SplitFigures};
 use crate::trainer::{EncodedUpdate, TaskSpec, Trainer};
 use anyhow::{Context, Result, bail};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use shoal_aggregators::Broadcast;
-use shoal_core::TaskId;
+use shoal_core::{ClientId, TaskId};
 use shoal_engine::DeviceState;
 use shoal_net::endpoint::{Timeouts, client_endpoint};
 use shoal_net::protocol::{
@@ -22,6 +23,7 @@ use shoal_net::protocol::{
 use shoal_net::stream::{MessageReader, read_model, send_update, write_message};
 use shoal_net::tls::PemPair;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
@@ -47,6 +49,9 @@ pub struct AgentOptions {
     pub give_up_after: Duration,
     /// Split learning: minibatches in flight (default: the server's `[split] pipeline`).
     pub pipeline: Option<usize>,
+    /// Where the device keeps its state between starts, one file per run ([`crate::saved_state`]);
+    /// `None` keeps it in memory only (a restart then joins as a device without state).
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Counters of one agent's life, printed when it exits.
@@ -89,6 +94,8 @@ struct Work {
     training_split: bool,
     /// A trained update not yet acknowledged.
     unacknowledged: Option<EncodedUpdate>,
+    /// The file the state is saved in (once the run is known), and this device's id in the run.
+    saved: Option<(StateFile, ClientId)>,
     report: AgentReport,
 }
 
@@ -102,6 +109,46 @@ impl Work {
         self.unacknowledged
             .as_ref()
             .map_or_else(|| self.state.clone(), |u| u.next_state.clone())
+    }
+
+    /// Saves the state and the unacknowledged update, atomically, when a state folder is set.
+    fn persist(&self) -> Result<()> {
+        if let Some((file, client)) = &self.saved {
+            file.save(&SavedDevice {
+                client: *client,
+                state: self.state.clone(),
+                unacknowledged: self.unacknowledged.clone(),
+            })
+            .map_err(|e| FatalError(format!("saving the device state: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Takes up the state saved for run `run_id` by an earlier start of this device, if any.
+    fn resume(&mut self, dir: &std::path::Path, run_id: u64, client: ClientId) -> Result<()> {
+        let file = StateFile::for_run(dir, run_id);
+        match file.load().map_err(|e| FatalError(e.to_string()))? {
+            Some(saved) if saved.client != client => {
+                return Err(FatalError(format!(
+                    "{} belongs to {}, but the server knows this device as {client}: give each device its                      own state folder",
+                    file.path().display(),
+                    saved.client
+                ))
+                .into());
+            }
+            Some(saved) => {
+                tracing::info!(
+                    file = %file.path().display(),
+                    unacknowledged = ?saved.unacknowledged.as_ref().map(|u| u.meta.task),
+                    "resumed the device state of an earlier start"
+                );
+                self.state = saved.state;
+                self.unacknowledged = saved.unacknowledged;
+            }
+            None => {}
+        }
+        self.saved = Some((file, client));
+        Ok(())
     }
 
     fn holding(&self) -> Option<TaskId> {
@@ -140,6 +187,7 @@ pub async fn run(options: AgentOptions) -> Result<AgentReport> {
         training: None,
         training_split: false,
         unacknowledged: None,
+        saved: None,
         report: AgentReport::default(),
     };
     let mut rng = StdRng::seed_from_u64(options.seed ^ 0x5eed);
@@ -157,6 +205,12 @@ pub async fn run(options: AgentOptions) -> Result<AgentReport> {
         }
         match outcome {
             Ok(SessionEnd::Finished) => {
+                // The run is over: nothing to resume.
+                if let Some((file, _)) = &work.saved
+                    && let Err(e) = file.remove()
+                {
+                    tracing::warn!(error = %e, "could not remove the saved device state");
+                }
                 endpoint.close(0u32.into(), b"finished");
                 endpoint.wait_idle().await;
                 if work.report.split_seconds > 0.0 {
@@ -268,6 +322,9 @@ async fn session(
         let trainer = Trainer::new(client, &run, local).map_err(|e| FatalError(format!("{e:#}")))?;
         tracing::info!(%client, model = run.model, params = trainer.dim(), "joined the run");
         work.trainer = Some(Arc::new(trainer));
+        if let Some(dir) = &options.state_dir {
+            work.resume(dir, run.run_id, client)?;
+        }
     }
     if let Some(update) = work.unacknowledged.clone() {
         upload(&conn, &mut send, &update, work).await?;
@@ -336,19 +393,23 @@ async fn session(
                         }
                         if work.unacknowledged.as_ref().is_some_and(|u| u.meta.task == task) {
                             work.unacknowledged = None;
+                            work.persist()?;
                         }
                     }
                     ServerMessage::UpdateAccepted { task } => {
                         if let Some(update) = work.unacknowledged.take_if(|u| u.meta.task == task) {
                             work.state = update.next_state;
                             work.report.accepted += 1;
+                            work.persist()?;
                             tracing::info!(%task, "update accepted");
                         }
                     }
                     ServerMessage::Error { code: ErrorCode::UnknownTask, message } => {
-                        // The server will not take the update we hold (its round closed): drop it.
+                        // The server will not take the update we hold (its round closed): drop it,
+                        // and with it its state.
                         tracing::info!(message, "update refused");
                         work.unacknowledged = None;
+                        work.persist()?;
                     }
                     ServerMessage::Error { code, message } => {
                         return Ok(SessionEnd::Disconnected(format!("server error {code:?}: {message}")));
@@ -384,6 +445,8 @@ async fn session(
                         }
                         work.report.tasks += 1;
                         work.unacknowledged = Some(update.clone());
+                        // Saved before it is sent: the server may count it from the first byte.
+                        work.persist()?;
                         upload(&conn, &mut send, &update, work).await?;
                     }
                     Ok(Err(e)) => {

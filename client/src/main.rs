@@ -80,6 +80,11 @@ struct RunArgs {
     /// Give up after this many seconds without reaching the server.
     #[arg(long, default_value_t = 120.0)]
     give_up_after_s: f64,
+    /// Where this device keeps its state between starts (control variates, error-feedback memory,
+    /// the update not yet acknowledged), one file per run. Default: the --identity folder; with
+    /// --ca/--cert, none unless given (a restart then joins without its state).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// Split learning: minibatches kept in flight (default: the server's `[split] pipeline`).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pipeline: Option<u16>,
@@ -142,6 +147,7 @@ fn main() -> Result<()> {
         seed: args.seed.unwrap_or(args.index as u64),
         give_up_after: Duration::from_secs_f64(args.give_up_after_s.max(1.0)),
         pipeline: args.pipeline.map(usize::from),
+        state_dir: args.state_dir.or(args.identity),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -37,8 +37,8 @@ pub struct TaskSpec {
     pub seed: u64,
 }
 
-/// A finished task, ready to send (and to resend after a reconnection).
-#[derive(Debug, Clone)]
+/// A finished task, ready to send (and to resend after a reconnection or a restart).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EncodedUpdate {
     /// Metadata for the Coordinator.
     pub meta: UpdateMeta,

@@ -1,5 +1,5 @@
-//! Shoal's shared vocabulary, with no IO (but [`usage`], the process's own resource usage) and few
-//! dependencies.
+//! Shoal's shared vocabulary, with no IO (but [`usage`], the process's own resource usage, and
+//! [`durable`], the atomic files fl-server and fl-client keep their state in) and few dependencies.
 //!
 //! Everything else in the workspace speaks in these types:
 //! - [`Params`] and [`Layout`]: a whole model as one contiguous `f32` buffer with named segments.
@@ -12,6 +12,7 @@
 //!   a client rule compresses what it uploads, so they never depend on the compression crate.
 
 mod compressor;
+pub mod durable;
 mod error;
 mod ids;
 mod oracle;

@@ -144,6 +144,8 @@ pub enum ServerMessage {
 /// What a client must know to take part in a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunDescription {
+    /// The run's id, the same across the server's restarts (a device keys its saved state by it).
+    pub run_id: u64,
     /// Zoo name of the network (`mlp`, `cnn`, …).
     pub model: String,
     /// Parameters of the network (a client whose data gives another count cannot join).

@@ -53,6 +53,7 @@ fn server_messages() -> Vec<ServerMessage> {
             client: ClientId(17),
             limits: Limits::default(),
             run: RunDescription {
+                run_id: 0x0123_4567_89ab_cdef,
                 model: "mlp".into(),
                 dim: 199_210,
                 batch_size: 10,

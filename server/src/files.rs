@@ -1,11 +1,11 @@
-//! Files that must survive `kill -9`: written to a temporary name, fsynced, renamed over the
-//! final name, and the directory fsynced — so a reader sees the old file or the whole new one,
-//! never a torn write. Model states are stored as raw little-endian f32 behind a small header.
+//! Files that must survive `kill -9` (written through `shoal_core::durable`: a reader sees the old
+//! file or the whole new one, never a torn write), with the server's errors. Model states are
+//! stored as raw little-endian f32 behind a small header.
 
 use serde::{Deserialize, Serialize};
 use shoal_aggregators::ServerState;
-use std::fs::{self, File};
-use std::io::Write;
+use shoal_core::durable::{self, DurableError};
+use std::fs;
 use std::path::Path;
 use thiserror::Error;
 
@@ -40,35 +40,26 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
     }
 }
 
+impl From<DurableError> for FileError {
+    fn from(e: DurableError) -> Self {
+        FileError::Io {
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 /// Writes `parts` back to back to `path` atomically and durably.
 pub fn write_atomic(path: &Path, parts: &[&[u8]]) -> Result<(), FileError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp"));
-    {
-        let mut file = File::create(&tmp).map_err(io(&tmp))?;
-        for part in parts {
-            file.write_all(part).map_err(io(&tmp))?;
-        }
-        file.sync_all().map_err(io(&tmp))?;
-    }
-    fs::rename(&tmp, path).map_err(io(path))?;
-    sync_dir(dir)
+    Ok(durable::write_atomic(path, parts)?)
 }
 
 /// Makes a directory's entries (a rename, a removal) durable.
 pub fn sync_dir(dir: &Path) -> Result<(), FileError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+    Ok(durable::sync_dir(dir)?)
 }
 
-/// A 64-bit content hash, kept in the index to catch damaged files.
-pub fn content_hash(parts: &[&[u8]]) -> u64 {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    for part in parts {
-        h.update(part);
-    }
-    h.digest()
-}
+pub use durable::content_hash;
 
 /// Reads a whole file and checks its hash.
 pub fn read_checked(path: &Path, hash: u64) -> Result<Vec<u8>, FileError> {

@@ -303,6 +303,8 @@ pub struct Run {
     /// Every task whose update was acknowledged (resends are acknowledged again, never re-folded).
     accepted: HashSet<TaskId>,
     committed: ModelVersion,
+    /// The store's run id.
+    run_id: u64,
     eval: Option<Dataset>,
     metrics_path: PathBuf,
     summary_path: PathBuf,
@@ -423,6 +425,7 @@ impl Run {
         let head = split.as_ref().map(|s| s.head_dim());
         let broadcast = SharedBroadcast::new(committed, &state.broadcast(), head);
         let finished = store.is_finished()?;
+        let run_id = store.run_id()?;
         let leaf = matches!(config.federation, Some(FederationConfig::Leaf { .. })).then(LeafLink::default);
         let mut run = Self {
             runtime: Runtime::new(config.runtime.clone()).map_err(|e| anyhow::anyhow!("[runtime]: {e}"))?,
@@ -442,6 +445,7 @@ impl Run {
             folded: Vec::new(),
             accepted: HashSet::new(),
             committed,
+            run_id,
             eval,
             clock_base: Timestamp::ZERO,
             clock_start: Instant::now(),
@@ -571,6 +575,7 @@ impl Run {
     /// What a client must know to take part.
     pub fn description(&self) -> RunDescription {
         RunDescription {
+            run_id: self.run_id,
             model: self.config.model.name.clone(),
             dim: self
                 .split

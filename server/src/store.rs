@@ -154,6 +154,7 @@ pub struct VersionRecord {
 const COMMITTED: &[u8] = b"committed_version";
 const FINGERPRINT: &[u8] = b"fingerprint";
 const NEXT_CLIENT: &[u8] = b"next_client";
+const RUN_ID: &[u8] = b"run_id";
 const FINISHED: &[u8] = b"finished";
 
 fn key(n: u64) -> [u8; 8] {
@@ -215,6 +216,20 @@ impl Store {
                 meta.insert(FINGERPRINT, &key(fingerprint))?;
             }
         }
+        if meta.get(RUN_ID)?.is_none() {
+            // Tells this run from another with the same configuration (a device keys its saved
+            // state by it): the fingerprint mixed with the instant the run was created.
+            let created = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let id = shoal_core::durable::content_hash(&[
+                &fingerprint.to_le_bytes(),
+                &created.to_le_bytes(),
+                &std::process::id().to_le_bytes(),
+            ]);
+            meta.insert(RUN_ID, &key(id))?;
+            db.flush()?;
+        }
         let events = db.open_tree("events")?;
         let next_event = match events.last()? {
             Some((k, _)) => u64_value(&k).map_or(0, |n| n + 1),
@@ -230,6 +245,11 @@ impl Store {
             db,
             next_event,
         })
+    }
+
+    /// The run's id: chosen when the state directory was created, the same across restarts.
+    pub fn run_id(&self) -> Result<u64, StoreError> {
+        Ok(self.meta.get(RUN_ID)?.as_deref().and_then(u64_value).unwrap_or(0))
     }
 
     /// The state directory.

@@ -22,6 +22,7 @@ use shoal_server::run::RunSummary;
 use shoal_server::store::Store;
 use shoal_sim::experiment::{ExperimentConfig, training_engine_for};
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const CLIENTS: usize = 3;
@@ -91,6 +92,34 @@ struct Deployed {
 
 /// Runs `method` on fl-server's daemon with three fl-client agents in this process.
 fn deployed(method: &str) -> Deployed {
+    deployed_with(method, None)
+}
+
+/// Waits until `metrics` (the server's `metrics.jsonl`) records `version`.
+async fn committed(metrics: &Path, version: u64) {
+    let needle = format!("\"version\":{version},");
+    loop {
+        if std::fs::read_to_string(metrics).is_ok_and(|text| text.contains(&needle)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// An agent that is stopped as a killed process would be — its connection and memory gone — once
+/// version 1 is committed, and started again with the same identity and state folder.
+async fn restarted_agent(options: AgentOptions, metrics: &Path) -> anyhow::Result<AgentReport> {
+    let mut first = Box::pin(shoal_client::agent::run(options.clone()));
+    tokio::select! {
+        report = &mut first => panic!("the run ended before the agent was restarted: {report:?}"),
+        () = committed(metrics, 1) => {}
+    }
+    drop(first);
+    shoal_client::agent::run(options).await
+}
+
+/// Runs `method` as [`deployed`] does; agent `restart`, if any, is restarted after version 1.
+fn deployed_with(method: &str, restart: Option<usize>) -> Deployed {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -151,6 +180,19 @@ fn deployed(method: &str) -> Deployed {
             seed: i as u64,
             give_up_after: Duration::from_secs(60),
             pipeline: None,
+            state_dir: Some(identity),
+        }
+    };
+    let metrics = dir.root().join("metrics.jsonl");
+    let life = |i: usize| {
+        let options = agent(i);
+        let metrics = metrics.clone();
+        async move {
+            if restart == Some(i) {
+                restarted_agent(options, &metrics).await
+            } else {
+                shoal_client::agent::run(options).await
+            }
         }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -158,13 +200,7 @@ fn deployed(method: &str) -> Deployed {
         .enable_all()
         .build()
         .unwrap();
-    let (a, b, c) = runtime.block_on(async {
-        tokio::join!(
-            shoal_client::agent::run(agent(0)),
-            shoal_client::agent::run(agent(1)),
-            shoal_client::agent::run(agent(2)),
-        )
-    });
+    let (a, b, c) = runtime.block_on(async { tokio::join!(life(0), life(1), life(2)) });
     let reports = vec![a.unwrap(), b.unwrap(), c.unwrap()];
     let summary = server.join().unwrap().unwrap();
     let store = Store::open(&dir.root().join("state"), config.fingerprint()).unwrap();
@@ -229,9 +265,14 @@ fn assert_deployment_equals_simulation(rule: &str, codec: &str) {
 }
 
 fn assert_deployment_equals_simulation_with(rule: &str, codec: &str, feedback: &str) {
+    assert_equal_runs(rule, codec, feedback, None);
+}
+
+/// The deployment of `rule` (with agent `restart` restarted mid-run, if any) equals fl-sim's run.
+fn assert_equal_runs(rule: &str, codec: &str, feedback: &str, restart: Option<usize>) {
     let method = method(rule, &full_rounds(), codec, feedback);
     let (simulated, sim_bytes_up) = simulated(&method);
-    let deployed = deployed(&method);
+    let deployed = deployed_with(&method, restart);
     let label = format!(
         "`{}` with `{codec}`, feedback `{feedback}`",
         rule.lines().next().unwrap_or(rule)
@@ -265,7 +306,8 @@ fn assert_deployment_equals_simulation_with(rule: &str, codec: &str, feedback: &
             );
         }
     }
-    // The same payloads crossed the wire.
+    // The same payloads crossed the wire (a restarted agent may send one twice: the server
+    // counts what it accepted).
     assert_eq!(deployed.summary.bytes_up, sim_bytes_up, "{label}: upload bytes");
     assert_eq!(
         deployed.summary.updates_folded,
@@ -321,6 +363,16 @@ fn control_variates_over_quic_equal_fl_sim() {
         "randk(0.1)",
     );
     assert_deployment_equals_simulation("rule = \"scafcom\"\nbeta = 0.2", "topk(0.1)");
+}
+
+/// A device restarted in the middle of a SCAFFOLD run resumes its control variate (and the update
+/// it may have sent unacknowledged) from its state folder, so the run still equals fl-sim's: had
+/// `c_i` restarted from zero, the next version would differ. After the restart the server may send
+/// the next task before it acknowledges the resent update; the task trains from that update's state.
+#[test]
+fn a_restarted_client_resumes_its_control_variate() {
+    assert_equal_runs("rule = \"scaffold\"", "identity", "none", Some(1));
+    assert_equal_runs("rule = \"fedavg\"", "topk(0.1)", "ef", Some(2));
 }
 
 /// Each acknowledged update of an asynchronous run is folded into exactly one version.
