@@ -21,8 +21,8 @@
 # versions (the run fails if it exceeds 1e-6).
 #
 # Writes DIR/summary.json (the fields of local-federation.sh's summary — rounds, initial_accuracy,
-# final_accuracy, bytes_up, bytes_down, wall_time_s, clients, the top's runtime figures — plus
-# leaves and flat_max_abs_diff), DIR/top/ and DIR/leaf-*/ (data directories), DIR/logs/ (with
+# final_accuracy, bytes_up, bytes_down, wall_time_s, deployment_wall_s, clients, the top's runtime
+# figures — plus leaves and flat_max_abs_diff), DIR/top/ and DIR/leaf-*/ (data directories), DIR/logs/ (with
 # audit-VERSION.json, the audit of each version).
 set -euo pipefail
 
@@ -153,6 +153,6 @@ echo "every version equals the flat aggregation of the same $clients clients' up
 
 wall=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.3f", b - a }')
 sed -e '$d' "$summary" | sed -e '$s/$/,/' > "$out/summary.json"
-printf '  "wall_time_s": %s,\n  "clients": %s,\n  "leaves": %s,\n  "flat_max_abs_diff": %s\n}\n' \
+printf '  "deployment_wall_s": %s,\n  "clients": %s,\n  "leaves": %s,\n  "flat_max_abs_diff": %s\n}\n' \
     "$wall" "$clients" "$leaves" "$worst" >> "$out/summary.json"
 cat "$out/summary.json"

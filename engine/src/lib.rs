@@ -14,12 +14,15 @@
 //!   the update.
 //! - [`server`]: the context a server rule applies an aggregation in (the population `N` before
 //!   and after, the local task).
+//! - [`metrics`]: what both drivers write to `metrics.jsonl` and `summary.json`, with one
+//!   meaning.
 //! - [`pairing`]: which codecs and which error feedback suit which rules, checked when a
 //!   configuration is loaded (fl-sim experiments and fl-server's `server.toml` alike).
 //!
 //! Split learning's device and server steps are in `shoal-split`, at the same level.
 
 pub mod device;
+pub mod metrics;
 pub mod pairing;
 pub mod server;
 

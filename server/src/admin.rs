@@ -107,13 +107,13 @@ pub fn runtime_status(r: &RuntimeStats) -> proto::RuntimeStatus {
 fn to_proto(m: &VersionMetrics) -> proto::VersionMetrics {
     proto::VersionMetrics {
         runtime: Some(runtime_status(&m.runtime)),
-        version: m.version,
-        time_s: m.time_s,
-        updates: m.updates as u64,
-        accuracy: m.accuracy,
-        loss: m.loss,
-        bytes_up: m.bytes_up,
-        bytes_down: m.bytes_down,
+        version: m.record.version,
+        time_s: m.record.time_s,
+        updates: m.record.updates,
+        accuracy: m.record.accuracy,
+        loss: m.record.loss,
+        bytes_up: m.record.bytes_up,
+        bytes_down: m.record.bytes_down,
     }
 }
 

@@ -551,7 +551,7 @@ fn answer(
             let coordinator = run.coordinator();
             let _ = reply.send(proto::StatusReply {
                 version: run.version().0,
-                algorithm: summary.algorithm.clone(),
+                algorithm: format!("{} / {}", summary.totals.rule, summary.totals.scheduler),
                 connected_clients: connected.len() as u32,
                 registered_clients: coordinator.clients().count() as u32,
                 running_tasks: coordinator.running_tasks().count() as u32,
@@ -559,9 +559,9 @@ fn answer(
                 waiting_updates: coordinator.held_updates() as u32,
                 paused: pause.paused,
                 finished: run.is_finished(),
-                time_s: summary.time_s,
-                bytes_up: summary.bytes_up,
-                bytes_down: summary.bytes_down,
+                time_s: summary.totals.time_s,
+                bytes_up: summary.totals.bytes_up,
+                bytes_down: summary.totals.bytes_down,
                 last_accuracy: run.last_accuracy(),
                 runtime: Some(crate::admin::runtime_status(&run.runtime_stats())),
                 target_rounds: run.config().stop.rounds,

@@ -18,6 +18,7 @@ use shoal_aggregators::{
 };
 use shoal_compression::DecodeLimits;
 use shoal_core::{ClientId, Layout, ModelVersion, TaskId, Timestamp, UpdateMeta};
+use shoal_engine::metrics::{FoldWindow, RunTotals, VersionRecord};
 use shoal_model::Model;
 use shoal_model::data::{Dataset, resolve_data_root};
 use shoal_model::train::evaluate;
@@ -213,54 +214,29 @@ struct LeafLink {
     losses: Vec<f32>,
 }
 
-/// One line of `metrics.jsonl`: a committed version.
+/// One line of `metrics.jsonl`: a committed version, in the schema fl-sim writes too.
 #[derive(Debug, Clone, Serialize)]
 pub struct VersionMetrics {
-    /// The version.
-    pub version: u64,
-    /// Run time (seconds; time the server was down does not count).
-    pub time_s: f64,
-    /// Updates folded into it.
-    pub updates: usize,
-    /// Held-out accuracy, if evaluated.
-    pub accuracy: Option<f64>,
-    /// Held-out loss, if evaluated.
-    pub loss: Option<f64>,
-    /// Update payload bytes accepted so far.
-    pub bytes_up: u64,
-    /// Model bytes sent so far.
-    pub bytes_down: u64,
-    /// Updates folded since the start of the run.
-    pub updates_folded: u64,
-    /// The aggregation runtime when the version was committed (this start).
+    /// The fields fl-sim's records have, with the same meanings.
+    #[serde(flatten)]
+    pub record: VersionRecord,
+    /// fl-server only: the aggregation runtime when the version was committed (this start).
     pub runtime: RuntimeStats,
 }
 
 /// What `summary.json` holds when a run finishes.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunSummary {
-    /// Versions produced.
-    pub rounds: u64,
-    /// Held-out accuracy of the initial model.
-    pub initial_accuracy: Option<f64>,
-    /// Held-out accuracy of the last version.
-    pub final_accuracy: Option<f64>,
-    /// Update payload bytes accepted.
-    pub bytes_up: u64,
-    /// Model bytes sent.
-    pub bytes_down: u64,
-    /// Run time, seconds.
-    pub time_s: f64,
-    /// Updates folded over the run.
-    pub updates_folded: u64,
-    /// Rule and scheduler.
-    pub algorithm: String,
-    /// Split runs: what crossed the cut during this start.
+    /// The fields fl-sim's summary has, with the same meanings (`time_s` is real run time here).
+    #[serde(flatten)]
+    pub totals: RunTotals,
+    /// fl-server only, split runs: what crossed the cut during this start.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub split: Option<crate::split::SplitTraffic>,
-    /// The aggregation runtime over this start: invocations, cold starts, warm reuses, queues.
+    /// fl-server only: the aggregation runtime over this start (invocations, cold starts, warm
+    /// reuses, queues).
     pub runtime: RuntimeStats,
-    /// Process figures the daemon adds when it stops (this start only).
+    /// fl-server only: process figures the daemon adds when it stops (this start only).
     #[serde(flatten)]
     pub process: Option<ProcessFigures>,
 }
@@ -315,6 +291,11 @@ pub struct Run {
     updates_folded: u64,
     initial_accuracy: Option<f64>,
     last_accuracy: Option<f64>,
+    best_accuracy: Option<f64>,
+    /// The updates folded since the last record (every committed version is one).
+    window: FoldWindow,
+    /// The loss each held update's client reported with it.
+    held_losses: HashMap<TaskId, f32>,
     finished: bool,
     /// Versions committed since the last [`Run::take_committed`] (for the admin metrics stream).
     committed_metrics: Vec<VersionMetrics>,
@@ -454,6 +435,9 @@ impl Run {
             updates_folded: 0,
             initial_accuracy: None,
             last_accuracy: None,
+            best_accuracy: None,
+            window: FoldWindow::default(),
+            held_losses: HashMap::new(),
             finished,
             committed_metrics: Vec::new(),
             split,
@@ -483,6 +467,7 @@ impl Run {
             }
             if accuracy.is_some() {
                 self.last_accuracy = accuracy;
+                self.best_accuracy = self.best_accuracy.into_iter().chain(accuracy).reduce(f64::max);
             }
             let count = |key: &str| record.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0);
             self.bytes_up = self.bytes_up.max(count("bytes_up"));
@@ -697,6 +682,7 @@ impl Run {
             leaf.losses.push(meta.loss);
         }
         self.held.insert(task, contribution);
+        self.held_losses.insert(task, meta.loss);
         let commands = self.coordinator.handle(now, Event::UpdateArrived(meta))?;
         Ok(Offer::Accepted(self.carry_out(commands, false)?))
     }
@@ -722,9 +708,15 @@ impl Run {
                         });
                     }
                 }
-                Command::Fold { task, weight, .. } => self.fold(task, weight)?,
+                Command::Fold {
+                    task,
+                    weight,
+                    staleness,
+                    ..
+                } => self.fold(task, weight, staleness)?,
                 Command::Discard { task, .. } => {
                     self.held.remove(&task);
+                    self.held_losses.remove(&task);
                     self.store.discard_update(task)?;
                 }
                 Command::Aggregate {
@@ -766,11 +758,16 @@ impl Run {
     /// read from its file when replaying; absent from both when a committed version already holds
     /// it. The first fold of an aggregation opens it, planned for as many updates as the last one
     /// had or as there are tasks running.
-    fn fold(&mut self, task: TaskId, weight: f64) -> Result<()> {
+    fn fold(&mut self, task: TaskId, weight: f64, staleness: u64) -> Result<()> {
         let contribution = match self.held.remove(&task) {
-            Some(contribution) => contribution,
+            Some(contribution) => {
+                let loss = self.held_losses.remove(&task).unwrap_or(f32::NAN);
+                self.window.fold(staleness, loss);
+                contribution
+            }
             None => match self.store.pending_update(task)? {
                 Some(pending) => {
+                    self.window.fold(staleness, pending.meta.loss);
                     let bytes = self.store.read_update(&pending)?;
                     let partial = self.is_top() && shoal_compression::partial::is_partial(&bytes);
                     decode_contribution(
@@ -1029,16 +1026,25 @@ impl Run {
         }
         if accuracy.is_some() {
             self.last_accuracy = accuracy;
+            self.best_accuracy = self.best_accuracy.into_iter().chain(accuracy).reduce(f64::max);
         }
+        let folded = self.window.take();
         let record = VersionMetrics {
-            version: version.0,
-            time_s: self.now().as_secs_f64(),
-            updates,
-            accuracy,
-            loss: evaluation.as_ref().map(|e| e.loss),
-            bytes_up: self.bytes_up,
-            bytes_down: self.bytes_down,
-            updates_folded: self.updates_folded,
+            record: VersionRecord {
+                version: version.0,
+                time_s: self.now().as_secs_f64(),
+                wall_s: self.clock_start.elapsed().as_secs_f64(),
+                accuracy,
+                loss: evaluation.as_ref().map(|e| e.loss),
+                client_loss: folded.client_loss.filter(|l| l.is_finite()),
+                bytes_up: self.bytes_up,
+                bytes_down: self.bytes_down,
+                // A leaf's round reaches the top as one partial: its own clients count here.
+                updates: (updates as u64).max(folded.updates),
+                updates_folded: self.updates_folded,
+                staleness_mean: folded.staleness_mean,
+                staleness_max: folded.staleness_max,
+            },
             runtime: self.runtime.stats(),
         };
         tracing::info!(
@@ -1078,8 +1084,8 @@ impl Run {
         std::fs::write(&self.summary_path, serde_json::to_string_pretty(&summary)?)
             .with_context(|| format!("writing {}", self.summary_path.display()))?;
         tracing::info!(
-            rounds = summary.rounds,
-            final_accuracy = summary.final_accuracy,
+            rounds = summary.totals.rounds,
+            final_accuracy = summary.totals.final_accuracy,
             "the run is finished"
         );
         Ok(())
@@ -1088,18 +1094,21 @@ impl Run {
     /// The run's summary so far.
     pub fn summary(&self) -> RunSummary {
         RunSummary {
-            rounds: self.committed.0,
-            initial_accuracy: self.initial_accuracy,
-            final_accuracy: self.last_accuracy,
-            bytes_up: self.bytes_up,
-            bytes_down: self.bytes_down,
-            time_s: self.now().as_secs_f64(),
-            updates_folded: self.updates_folded,
-            algorithm: format!(
-                "{} / {}",
-                self.config.algorithm.rule.name(),
-                self.coordinator.scheduler_name()
-            ),
+            totals: RunTotals {
+                rule: self.config.algorithm.rule.name().to_string(),
+                scheduler: self.coordinator.scheduler_name().to_string(),
+                codec: self.config.codec.to_string(),
+                feedback: self.config.feedback.to_string(),
+                rounds: self.committed.0,
+                initial_accuracy: self.initial_accuracy,
+                final_accuracy: self.last_accuracy,
+                best_accuracy: self.best_accuracy,
+                bytes_up: self.bytes_up,
+                bytes_down: self.bytes_down,
+                updates_folded: self.updates_folded,
+                time_s: self.now().as_secs_f64(),
+                wall_time_s: self.clock_start.elapsed().as_secs_f64(),
+            },
             split: self.split.as_ref().map(|s| s.traffic()),
             runtime: self.runtime.stats(),
             process: None,

@@ -85,6 +85,7 @@ fn assert_deployment_summary(summary: &serde_json::Value) {
         "bytes_up",
         "bytes_down",
         "wall_time_s",
+        "deployment_wall_s",
         "clients",
         "runtime",
     ] {

@@ -85,6 +85,9 @@ fn simulated(method: &str) -> (Vec<ServerState>, u64) {
 /// summary and the agents' reports.
 struct Deployed {
     states: Vec<ServerState>,
+    /// The lines of the server's `metrics.jsonl` and its `summary.json`.
+    metrics: Vec<serde_json::Value>,
+    summary_json: serde_json::Value,
     tasks: BTreeMap<u64, Vec<u64>>,
     summary: RunSummary,
     reports: Vec<AgentReport>,
@@ -217,8 +220,17 @@ fn deployed_with(method: &str, restart: Option<usize>) -> Deployed {
             tasks.entry(task.0).or_default().push(record.version.0);
         }
     }
+    let metrics = std::fs::read_to_string(dir.root().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let summary_json =
+        serde_json::from_str(&std::fs::read_to_string(dir.root().join("summary.json")).unwrap()).unwrap();
     Deployed {
         states,
+        metrics,
+        summary_json,
         tasks,
         summary,
         reports,
@@ -308,9 +320,12 @@ fn assert_equal_runs(rule: &str, codec: &str, feedback: &str, restart: Option<us
     }
     // The same payloads crossed the wire (a restarted agent may send one twice: the server
     // counts what it accepted).
-    assert_eq!(deployed.summary.bytes_up, sim_bytes_up, "{label}: upload bytes");
     assert_eq!(
-        deployed.summary.updates_folded,
+        deployed.summary.totals.bytes_up, sim_bytes_up,
+        "{label}: upload bytes"
+    );
+    assert_eq!(
+        deployed.summary.totals.updates_folded,
         VERSIONS * CLIENTS as u64,
         "{label}"
     );
@@ -375,6 +390,85 @@ fn a_restarted_client_resumes_its_control_variate() {
     assert_equal_runs("rule = \"fedavg\"", "topk(0.1)", "ef", Some(2));
 }
 
+/// fl-server's `metrics.jsonl` and `summary.json` have fl-sim's fields with fl-sim's values (the
+/// server adds only its runtime and process figures), for the same run.
+#[test]
+fn metrics_have_one_schema_and_one_meaning() {
+    let method = method("rule = \"fedavg\"", &full_rounds(), "topk(0.1)", "ef");
+    let simulated =
+        shoal_sim::experiment::run(&experiment(&method), None, &mut shoal_sim::experiment::Quiet).unwrap();
+    let deployed = deployed(&method);
+    let keys = |v: &serde_json::Value| -> std::collections::BTreeSet<String> {
+        v.as_object().unwrap().keys().cloned().collect()
+    };
+    assert_eq!(
+        deployed.metrics.len(),
+        simulated.records.len(),
+        "one record per version on both sides"
+    );
+    for (server, sim) in deployed.metrics.iter().zip(&simulated.records) {
+        let sim = serde_json::to_value(sim).unwrap();
+        let mut expected = keys(&sim);
+        expected.insert("runtime".into());
+        assert_eq!(keys(server), expected, "metrics.jsonl fields");
+        for field in [
+            "version",
+            "updates",
+            "updates_folded",
+            "bytes_up",
+            "bytes_down",
+            "staleness_mean",
+            "staleness_max",
+        ] {
+            assert_eq!(server[field], sim[field], "version {}: {field}", sim["version"]);
+        }
+        match (server["client_loss"].as_f64(), sim["client_loss"].as_f64()) {
+            (Some(a), Some(b)) => assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "client_loss {a} vs {b}"),
+            (a, b) => assert_eq!(a.is_some(), b.is_some(), "client_loss {a:?} vs {b:?}"),
+        }
+    }
+    let sim_summary = serde_json::to_value(&simulated.summary).unwrap();
+    for field in [
+        "rule",
+        "scheduler",
+        "codec",
+        "feedback",
+        "rounds",
+        "bytes_up",
+        "bytes_down",
+        "updates_folded",
+        "time_s",
+        "wall_time_s",
+        "initial_accuracy",
+        "final_accuracy",
+        "best_accuracy",
+    ] {
+        assert!(
+            deployed.summary_json.get(field).is_some(),
+            "fl-server's summary.json lacks {field}"
+        );
+        assert!(
+            sim_summary.get(field).is_some(),
+            "fl-sim's summary.json lacks {field}"
+        );
+    }
+    for field in [
+        "rule",
+        "scheduler",
+        "codec",
+        "feedback",
+        "rounds",
+        "bytes_up",
+        "bytes_down",
+        "updates_folded",
+    ] {
+        assert_eq!(
+            deployed.summary_json[field], sim_summary[field],
+            "summary.json: {field}"
+        );
+    }
+}
+
 /// Each acknowledged update of an asynchronous run is folded into exactly one version.
 fn assert_each_update_folded_once(rule: &str, scheduler: &str) {
     let deployed = deployed(&method(rule, scheduler, "identity", "none"));
@@ -385,7 +479,7 @@ fn assert_each_update_folded_once(rule: &str, scheduler: &str) {
         "{label}: an update folded twice"
     );
     let folded = deployed.tasks.len() as u64;
-    assert_eq!(folded, deployed.summary.updates_folded, "{label}");
+    assert_eq!(folded, deployed.summary.totals.updates_folded, "{label}");
     let accepted: u64 = deployed.reports.iter().map(|r| r.accepted).sum();
     assert!(
         accepted >= folded,

@@ -19,6 +19,7 @@ use shoal_compression::CodecSpec;
 use shoal_compression::feedback::Feedback;
 use shoal_core::Params;
 use shoal_core::Timestamp;
+use shoal_engine::metrics::{FoldWindow, RunTotals, VersionRecord};
 use shoal_model::Model;
 use shoal_model::data::partition::PartitionSpec;
 use shoal_model::data::synthetic::SyntheticConfig;
@@ -325,66 +326,26 @@ impl ExperimentConfig {
     }
 }
 
-/// One evaluation of the global model.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MetricRecord {
-    /// Global version evaluated.
-    pub version: u64,
-    /// Virtual seconds since the start.
-    pub time_s: f64,
-    /// Wall-clock seconds since the start (the only field that differs between identical runs).
-    pub wall_s: f64,
-    /// Test accuracy (absent in systems-only runs).
-    pub accuracy: Option<f64>,
-    /// Test loss (absent in systems-only runs).
-    pub loss: Option<f64>,
-    /// Mean local training loss of the updates folded since the previous record.
-    pub client_loss: Option<f64>,
-    /// Cumulative bytes uploaded by devices.
-    pub bytes_up: u64,
-    /// Cumulative bytes downloaded by devices.
-    pub bytes_down: u64,
-    /// Updates folded since the previous record.
-    pub updates: u64,
-    /// Mean staleness of those updates.
-    pub staleness_mean: f64,
-    /// Largest staleness among them.
-    pub staleness_max: u64,
-}
+/// One evaluation of the global model: a line of `metrics.jsonl`, the same schema as fl-server's.
+pub type MetricRecord = VersionRecord;
 
 /// What `summary.json` holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
-    /// Experiment name.
+    /// Experiment name (fl-sim only).
     pub name: String,
-    /// `training` or `systems-only`.
+    /// `training` or `systems-only` (fl-sim only).
     pub mode: Mode,
-    /// Rule and scheduler.
-    pub rule: String,
-    /// Scheduler name.
-    pub scheduler: String,
-    /// Codec chain.
-    pub codec: String,
-    /// Model name and parameter count.
+    /// What every run's summary holds, fl-server's too: rule, scheduler, codec, feedback, versions,
+    /// accuracies, bytes, updates, run and wall time (`time_s` is virtual here).
+    #[serde(flatten)]
+    pub totals: RunTotals,
+    /// Model name (fl-sim only).
     pub model: String,
     /// Parameters of the model.
     pub num_params: usize,
     /// Devices simulated.
     pub clients: usize,
-    /// Global versions produced.
-    pub rounds: u64,
-    /// Accuracy at the last evaluation.
-    pub final_accuracy: Option<f64>,
-    /// Best accuracy seen.
-    pub best_accuracy: Option<f64>,
-    /// Virtual seconds simulated.
-    pub virtual_time_s: f64,
-    /// Wall-clock seconds.
-    pub wall_time_s: f64,
-    /// Bytes uploaded.
-    pub bytes_up: u64,
-    /// Bytes downloaded.
-    pub bytes_down: u64,
     /// The target accuracy, if any.
     pub target_accuracy: Option<f64>,
     /// First version at which the target was reached.
@@ -743,15 +704,6 @@ fn run_split(
     drive(config, &model, engine, evaluate, describe, start, progress)
 }
 
-/// Staleness and loss of the updates folded since the last record.
-#[derive(Default)]
-struct Window {
-    updates: u64,
-    staleness_sum: f64,
-    staleness_max: u64,
-    loss_sum: f64,
-}
-
 #[allow(clippy::too_many_arguments)]
 fn drive<W: crate::engine::Workload>(
     config: &ExperimentConfig,
@@ -769,31 +721,35 @@ fn drive<W: crate::engine::Workload>(
         .time_s
         .map_or(Timestamp(u64::MAX), Timestamp::from_secs_f64);
     let mut records = Vec::new();
-    let mut window = Window::default();
+    let mut window = FoldWindow::default();
     let mut version = 0u64;
+    let mut updates_folded = 0u64;
     // `time_s`: when the version was ready (its aggregation's call, plus the server's work on it).
-    let record =
-        |engine: &Engine<W>, version: u64, time_s: f64, window: &mut Window| -> Result<MetricRecord> {
-            let eval = evaluate(engine).context("evaluating the global model")?;
-            let stats = engine.stats();
-            let n = window.updates.max(1) as f64;
-            let r = MetricRecord {
-                version,
-                time_s,
-                wall_s: start.elapsed().as_secs_f64(),
-                accuracy: eval.map(|e| e.0),
-                loss: eval.map(|e| e.1),
-                client_loss: (window.updates > 0 && eval.is_some()).then(|| window.loss_sum / n),
-                bytes_up: stats.bytes_up,
-                bytes_down: stats.bytes_down,
-                updates: window.updates,
-                staleness_mean: window.staleness_sum / n,
-                staleness_max: window.staleness_max,
-            };
-            *window = Window::default();
-            Ok(r)
-        };
-    let first = record(&engine, 0, 0.0, &mut window)?;
+    let record = |engine: &Engine<W>,
+                  version: u64,
+                  time_s: f64,
+                  window: &mut FoldWindow,
+                  updates_folded: u64|
+     -> Result<MetricRecord> {
+        let eval = evaluate(engine).context("evaluating the global model")?;
+        let stats = engine.stats();
+        let folded = window.take();
+        Ok(MetricRecord {
+            version,
+            time_s,
+            wall_s: start.elapsed().as_secs_f64(),
+            accuracy: eval.map(|e| e.0),
+            loss: eval.map(|e| e.1),
+            client_loss: folded.client_loss.filter(|_| eval.is_some()),
+            bytes_up: stats.bytes_up,
+            bytes_down: stats.bytes_down,
+            updates: folded.updates,
+            updates_folded,
+            staleness_mean: folded.staleness_mean,
+            staleness_max: folded.staleness_max,
+        })
+    };
+    let first = record(&engine, 0, 0.0, &mut window, 0)?;
     let mut version_time_s = 0.0;
     progress.evaluated(&first);
     records.push(first);
@@ -814,10 +770,13 @@ fn drive<W: crate::engine::Workload>(
         };
         version = agg.version.0;
         version_time_s = agg.time.as_secs_f64();
-        window.updates += agg.updates as u64;
-        window.staleness_sum += agg.staleness_mean * agg.updates as f64;
-        window.staleness_max = window.staleness_max.max(agg.staleness_max);
-        window.loss_sum += agg.client_loss * agg.updates as f64;
+        window.add(
+            agg.updates as u64,
+            agg.staleness_mean,
+            agg.staleness_max,
+            agg.client_loss,
+        );
+        updates_folded += agg.updates as u64;
         progress.aggregated(version, agg.time.as_secs_f64());
         let last_round = config.stop.rounds.is_some_and(|r| version >= r);
         let by_versions = match (config.eval.every, config.eval.every_s) {
@@ -831,7 +790,7 @@ fn drive<W: crate::engine::Workload>(
             .every_s
             .is_some_and(|dt| (now_s / dt).floor() > (records.last().map_or(0.0, |r| r.time_s) / dt).floor());
         if by_versions || by_time || last_round {
-            let r = record(&engine, version, version_time_s, &mut window)?;
+            let r = record(&engine, version, version_time_s, &mut window, updates_folded)?;
             progress.evaluated(&r);
             let hit = reached(&r);
             records.push(r);
@@ -844,7 +803,7 @@ fn drive<W: crate::engine::Workload>(
         }
     }
     if records.last().is_some_and(|r| r.version != version) {
-        let r = record(&engine, version, version_time_s, &mut window)?;
+        let r = record(&engine, version, version_time_s, &mut window, updates_folded)?;
         progress.evaluated(&r);
         records.push(r);
     }
@@ -862,19 +821,24 @@ fn drive<W: crate::engine::Workload>(
     let summary = Summary {
         name,
         mode: config.mode,
-        rule: config.algorithm.rule.name().to_string(),
-        scheduler: engine.coordinator().scheduler_name().to_string(),
-        codec: config.codec.to_string(),
+        totals: RunTotals {
+            rule: config.algorithm.rule.name().to_string(),
+            scheduler: engine.coordinator().scheduler_name().to_string(),
+            codec: config.codec.to_string(),
+            feedback: config.feedback.to_string(),
+            rounds: version,
+            initial_accuracy: records.first().and_then(|r| r.accuracy),
+            final_accuracy: records.last().and_then(|r| r.accuracy),
+            best_accuracy: accuracies.iter().copied().reduce(f64::max),
+            bytes_up: stats.bytes_up,
+            bytes_down: stats.bytes_down,
+            updates_folded,
+            time_s: virtual_time_s,
+            wall_time_s: wall,
+        },
         model: config.model.name.clone(),
         num_params: model.num_params(),
         clients: engine.fleet().devices.len(),
-        rounds: version,
-        final_accuracy: records.last().and_then(|r| r.accuracy),
-        best_accuracy: accuracies.iter().copied().reduce(f64::max),
-        virtual_time_s,
-        wall_time_s: wall,
-        bytes_up: stats.bytes_up,
-        bytes_down: stats.bytes_down,
         target_accuracy: target,
         rounds_to_target: first_hit.map(|r| r.version),
         time_to_target_s: first_hit.map(|r| r.time_s),

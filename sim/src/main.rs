@@ -412,14 +412,14 @@ fn print_summary(s: &Summary, dir: &std::path::Path) {
     println!(
         "{}: {} versions in {:.1} virtual s ({:.1} s wall; {}); final accuracy {}, best {}; {:.1} MB up, {:.1} MB down",
         s.name,
-        s.rounds,
-        s.virtual_time_s,
-        s.wall_time_s,
+        s.totals.rounds,
+        s.totals.time_s,
+        s.totals.wall_time_s,
         s.stopped_because,
-        acc(s.final_accuracy),
-        acc(s.best_accuracy),
-        s.bytes_up as f64 / 1e6,
-        s.bytes_down as f64 / 1e6
+        acc(s.totals.final_accuracy),
+        acc(s.totals.best_accuracy),
+        s.totals.bytes_up as f64 / 1e6,
+        s.totals.bytes_down as f64 / 1e6
     );
     if let Some(t) = s.target_accuracy {
         match (s.rounds_to_target, s.time_to_target_s) {

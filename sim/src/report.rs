@@ -18,7 +18,7 @@ fn opt(v: Option<f64>) -> String {
 }
 
 /// The CSV header of `metrics.csv`.
-pub const METRICS_CSV_HEADER: &str = "version,time_s,wall_s,accuracy,loss,client_loss,bytes_up,bytes_down,updates,staleness_mean,staleness_max";
+pub const METRICS_CSV_HEADER: &str = "version,time_s,wall_s,accuracy,loss,client_loss,bytes_up,bytes_down,updates,updates_folded,staleness_mean,staleness_max";
 
 /// Writes one run's files into `dir` (created if needed).
 pub fn write_run(dir: &Path, out: &RunOutput) -> Result<()> {
@@ -29,7 +29,7 @@ pub fn write_run(dir: &Path, out: &RunOutput) -> Result<()> {
         writeln!(jsonl, "{}", serde_json::to_string(r)?)?;
         writeln!(
             csv,
-            "{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{}",
             r.version,
             r.time_s,
             r.wall_s,
@@ -39,6 +39,7 @@ pub fn write_run(dir: &Path, out: &RunOutput) -> Result<()> {
             r.bytes_up,
             r.bytes_down,
             r.updates,
+            r.updates_folded,
             r.staleness_mean,
             r.staleness_max
         )?;
@@ -159,17 +160,17 @@ pub fn comparison_table(summaries: &[&Summary]) -> String {
             s,
             "| {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {:.1} | {:.1} |",
             m.name,
-            m.rule,
-            m.scheduler,
-            m.rounds,
-            m.virtual_time_s,
-            cell(m.final_accuracy, 4),
-            cell(m.best_accuracy, 4),
+            m.totals.rule,
+            m.totals.scheduler,
+            m.totals.rounds,
+            m.totals.time_s,
+            cell(m.totals.final_accuracy, 4),
+            cell(m.totals.best_accuracy, 4),
             cell(m.target_accuracy, 3),
             m.rounds_to_target.map_or_else(|| "—".into(), |r| r.to_string()),
             cell(m.time_to_target_s, 1),
-            m.bytes_up as f64 / 1e6,
-            m.bytes_down as f64 / 1e6,
+            m.totals.bytes_up as f64 / 1e6,
+            m.totals.bytes_down as f64 / 1e6,
         );
     }
     s
@@ -185,25 +186,25 @@ pub fn write_comparison(dir: &Path, runs: &[&RunOutput]) -> Result<()> {
         comparison_table(&summaries).as_bytes(),
     )?;
     let mut csv = String::from(
-        "name,rule,scheduler,rounds,virtual_time_s,final_accuracy,best_accuracy,target_accuracy,rounds_to_target,time_to_target_s,bytes_up,bytes_down,wall_time_s\n",
+        "name,rule,scheduler,rounds,time_s,final_accuracy,best_accuracy,target_accuracy,rounds_to_target,time_to_target_s,bytes_up,bytes_down,wall_time_s\n",
     );
     for m in &summaries {
         let _ = writeln!(
             csv,
             "{},{},{},{},{},{},{},{},{},{},{},{},{}",
             m.name,
-            m.rule,
-            m.scheduler,
-            m.rounds,
-            m.virtual_time_s,
-            opt(m.final_accuracy),
-            opt(m.best_accuracy),
+            m.totals.rule,
+            m.totals.scheduler,
+            m.totals.rounds,
+            m.totals.time_s,
+            opt(m.totals.final_accuracy),
+            opt(m.totals.best_accuracy),
             opt(m.target_accuracy),
             m.rounds_to_target.map_or_else(String::new, |r| r.to_string()),
             opt(m.time_to_target_s),
-            m.bytes_up,
-            m.bytes_down,
-            m.wall_time_s
+            m.totals.bytes_up,
+            m.totals.bytes_down,
+            m.totals.wall_time_s
         );
     }
     write_file(&dir.join("comparison.csv"), csv.as_bytes())?;

@@ -104,8 +104,11 @@ fn a_run_writes_metrics_summary_and_plots() {
         "rounds",
         "final_accuracy",
         "best_accuracy",
-        "virtual_time_s",
+        "time_s",
         "wall_time_s",
+        "initial_accuracy",
+        "updates_folded",
+        "feedback",
         "bytes_up",
         "bytes_down",
         "target_accuracy",
@@ -116,8 +119,8 @@ fn a_run_writes_metrics_summary_and_plots() {
     }
     let s = &out.summary;
     // Reaching the target stops the run at that evaluation.
-    assert_eq!(s.rounds_to_target, Some(s.rounds), "{s:?}");
-    assert!(s.final_accuracy.unwrap() >= 0.3);
+    assert_eq!(s.rounds_to_target, Some(s.totals.rounds), "{s:?}");
+    assert!(s.totals.final_accuracy.unwrap() >= 0.3);
     let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), out.records.len() + 1);
     // Bytes only grow, time only moves forward.
@@ -125,7 +128,7 @@ fn a_run_writes_metrics_summary_and_plots() {
         && w[0].bytes_down <= w[1].bytes_down
         && w[0].time_s <= w[1].time_s
         && w[0].version < w[1].version));
-    assert!(s.bytes_up > 0 && s.bytes_down > 0);
+    assert!(s.totals.bytes_up > 0 && s.totals.bytes_down > 0);
 }
 
 #[test]
@@ -151,21 +154,21 @@ fn learning_happens_and_a_compressing_codec_sends_fewer_bytes() {
     let b = run(&sparse, None, &mut Quiet).unwrap();
     let first = a.records[0].accuracy.unwrap();
     assert!(
-        a.summary.final_accuracy.unwrap() > first + 0.2,
+        a.summary.totals.final_accuracy.unwrap() > first + 0.2,
         "accuracy {first} → {:?}",
-        a.summary.final_accuracy
+        a.summary.totals.final_accuracy
     );
-    assert_eq!(a.summary.rounds, 20);
+    assert_eq!(a.summary.totals.rounds, 20);
     assert_eq!(a.summary.engine.folds, 80, "4 updates per synchronous round");
     assert_eq!(
-        a.summary.bytes_down, b.summary.bytes_down,
+        a.summary.totals.bytes_down, b.summary.totals.bytes_down,
         "downloads are the dense model"
     );
     assert!(
-        b.summary.bytes_up * 5 < a.summary.bytes_up,
+        b.summary.totals.bytes_up * 5 < a.summary.totals.bytes_up,
         "top-10 % + 3-means: {} vs dense {}",
-        b.summary.bytes_up,
-        a.summary.bytes_up
+        b.summary.totals.bytes_up,
+        a.summary.totals.bytes_up
     );
 }
 
@@ -199,8 +202,8 @@ fn systems_only_runs_large_fleets_without_data() {
     let out = run(&config, None, &mut Quiet).unwrap();
     let s = &out.summary;
     assert_eq!(s.clients, 3000);
-    assert!(s.final_accuracy.is_none());
-    assert!(s.rounds > 10, "{s:?}");
+    assert!(s.totals.final_accuracy.is_none());
+    assert!(s.totals.rounds > 10, "{s:?}");
     let e = &s.engine;
     assert!(e.tasks_lost_offline > 0, "diurnal windows end tasks: {e:?}");
     assert!(
@@ -251,8 +254,8 @@ fn charging_aggregation_shows_when_the_server_is_the_bottleneck() {
     for s in [&measured, &slow] {
         let a = s.aggregation.as_ref().unwrap();
         assert_eq!(a.timeline.folds, s.engine.folds, "every fold is charged");
-        assert_eq!(a.timeline.aggregations, s.rounds);
-        assert!(s.virtual_time_s > free.virtual_time_s);
+        assert_eq!(a.timeline.aggregations, s.totals.rounds);
+        assert!(s.totals.time_s > free.totals.time_s);
     }
     // 1.66 M parameters at 3 ns per value on two leaves: milliseconds per round, a tiny share.
     let m = measured.aggregation.as_ref().unwrap();
@@ -289,7 +292,7 @@ fn trace_driven_fleets_use_the_real_phone_and_network_traces() {
         "{summary}"
     );
     let out = run(&config, Some(&data), &mut Quiet).unwrap();
-    assert!(out.summary.rounds > 0);
+    assert!(out.summary.totals.rounds > 0);
     config.fleet.up = toml::from_str::<toml::Table>("u = { kind = \"hsdpa\" }").unwrap()["u"]
         .clone()
         .try_into()

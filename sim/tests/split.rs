@@ -57,9 +57,9 @@ fn splitfed_v1_and_v2_learn_and_report_the_cut() {
         let config = parse(&split_experiment(variant, ""));
         let out = run(&config, None, &mut Quiet).expect("the split run completes");
         let first = out.records[0].accuracy.expect("evaluated");
-        let last = out.summary.final_accuracy.expect("evaluated");
+        let last = out.summary.totals.final_accuracy.expect("evaluated");
         assert!(last > first + 0.2, "{variant}: accuracy {first} → {last}");
-        assert_eq!(out.summary.rounds, 12);
+        assert_eq!(out.summary.totals.rounds, 12);
         let split = out
             .summary
             .split
@@ -88,8 +88,8 @@ fn splitfed_v1_and_v2_learn_and_report_the_cut() {
             "{}",
             split.traffic.samples
         );
-        assert!(out.summary.bytes_up > split.traffic.forward_bytes);
-        assert!(out.summary.bytes_down > split.traffic.gradient_bytes);
+        assert!(out.summary.totals.bytes_up > split.traffic.forward_bytes);
+        assert!(out.summary.totals.bytes_down > split.traffic.gradient_bytes);
         let again = run(&config, None, &mut Quiet).unwrap();
         assert_eq!(
             without_wall_clock(&out.records),
@@ -110,10 +110,10 @@ fn v2_serves_clients_in_turn_so_rounds_take_longer() {
     // Server time per step dominates: four clients in turn take about four times as long as
     // four lanes in parallel.
     assert!(
-        v2.virtual_time_s > 2.5 * v1.virtual_time_s,
+        v2.totals.time_s > 2.5 * v1.totals.time_s,
         "{} vs {}",
-        v2.virtual_time_s,
-        v1.virtual_time_s
+        v2.totals.time_s,
+        v1.totals.time_s
     );
 }
 
