@@ -16,18 +16,23 @@ require_data() {
     data_dir=$(cd "$data_dir" && pwd)
 }
 
-# find_binaries BIN_DIR: $server_bin and $client_bin from BIN_DIR, or built in release mode.
+# find_binaries BIN_DIR [with-sim]: $server_bin and $client_bin (and $sim_bin) from BIN_DIR, or
+# built in release mode.
 find_binaries() {
-    local bin_dir=$1 repo
+    local bin_dir=$1 with_sim=${2:-} repo packages=(-p shoal-server -p shoal-client)
     repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+    [[ -z "$with_sim" ]] || packages+=(-p shoal-sim)
     if [[ -z "$bin_dir" ]]; then
-        echo "building fl-server and fl-client (release)…" >&2
-        (cd "$repo" && cargo build --release --quiet -p shoal-server -p shoal-client)
+        echo "building ${packages[*]//-p /} (release)…" >&2
+        (cd "$repo" && cargo build --release --quiet "${packages[@]}")
         bin_dir="$repo/target/release"
     fi
     server_bin="$bin_dir/fl-server"
     client_bin="$bin_dir/fl-client"
-    for b in "$server_bin" "$client_bin"; do
+    sim_bin="$bin_dir/fl-sim"
+    local needed=("$server_bin" "$client_bin")
+    [[ -z "$with_sim" ]] || needed+=("$sim_bin")
+    for b in "${needed[@]}"; do
         [[ -x "$b" ]] || { echo "$b is missing (build it, or drop --bin-dir)" >&2; exit 2; }
     done
 }
@@ -68,4 +73,17 @@ wait_for_exit() {
         sleep 0.2
     done
     wait "$pid" || { echo "fl-server failed; see $logs" >&2; exit 1; }
+}
+
+# wait_for_line LOG TEXT PID SECONDS PID_LOG: waits until LOG has a line containing TEXT; exits
+# with an error naming PID_LOG if process PID exits first or SECONDS pass.
+wait_for_line() {
+    local log=$1 text=$2 pid=$3 seconds=$4 pid_log=$5
+    for _ in $(seq 1 $((seconds * 20))); do
+        grep -qF -- "$text" "$log" 2>/dev/null && return
+        kill -0 "$pid" 2>/dev/null || { echo "a process exited before \"$text\"; see $pid_log" >&2; tail -5 "$pid_log" >&2; exit 1; }
+        sleep 0.05
+    done
+    echo "no \"$text\" in $log within $seconds s; see $pid_log" >&2
+    exit 1
 }

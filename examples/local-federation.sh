@@ -4,7 +4,11 @@
 #
 #   examples/local-federation.sh [--clients N] [--rounds R] [--out DIR] [--data-dir DATA]
 #                                [--partition iid|shards|dirichlet:ALPHA] [--bin-dir DIR]
-#                                [--split [--pipeline P] [--local-steps K]]
+#                                [--split [--pipeline P] [--local-steps K]] [--config FILE]
+#
+# --config FILE deploys an fl-sim experiment instead: the server takes FILE's seed, codec,
+# feedback, [data], [model] and [algorithm] (`fl-sim deployment FILE`), and client i trains share
+# i of FILE's [data] partition. N defaults to the clients a synchronous round of FILE needs.
 #
 # --split runs split learning instead (SplitFed V1): the clients run the head of the FedAvg CNN
 # up to its first conv block plus a 4-channel bottleneck and send 8-bit activations; the server
@@ -30,13 +34,16 @@ bin_dir=
 timeout_s=600
 
 split=0
+config=
+clients_given=0
 pipeline=4
 local_steps=40
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --clients) clients=$2; shift 2 ;;
+        --clients) clients=$2; clients_given=1; shift 2 ;;
+        --config) config=$2; shift 2 ;;
         --rounds) rounds=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
         --data-dir) data_dir=$2; shift 2 ;;
@@ -55,23 +62,39 @@ done
 [[ "$rounds" =~ ^[1-9][0-9]*$ ]] || { echo "--rounds must be a positive integer" >&2; exit 2; }
 [[ "$pipeline" =~ ^[1-9][0-9]*$ ]] || { echo "--pipeline must be a positive integer" >&2; exit 2; }
 [[ "$local_steps" =~ ^[1-9][0-9]*$ ]] || { echo "--local-steps must be a positive integer" >&2; exit 2; }
+[[ -z "$config" || ! "$split" == 1 ]] || { echo "--config and --split do not go together" >&2; exit 2; }
+[[ -z "$config" || -f "$config" ]] || { echo "--config $config: no such file" >&2; exit 2; }
 source "$(dirname "$0")/deployment-common.sh"
 require_data "$data_dir"
 
-find_binaries "$bin_dir"
+find_binaries "$bin_dir" "$([[ -n "$config" ]] && echo with-sim)"
 
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-rm -rf "$out/server" "$out/logs" "$out/summary.json"
+rm -rf "$out/server" "$out/logs" "$out/deployment" "$out/summary.json"
 mkdir -p "$out/logs"
 
 # The server listens on free ports the kernel picks; it writes the addresses to server/listening
 # and server/admin-listening (`fl-server status DIR/server` asks the latter while it runs).
-"$server_bin" init "$out/server" --listen 127.0.0.1:0 --admin 127.0.0.1:0 > "$out/logs/init.log"
-sed -i \
-    -e "s/^rounds = .*/rounds = $rounds/" \
-    -e "s/^clients_per_round = .*/clients_per_round = $clients/" \
-    "$out/server/server.toml"
+init_flags=()
+dataset=mnist
+partition_seed=0
+if [[ -n "$config" ]]; then
+    # The experiment's run-defining tables for the server, its partition for the clients.
+    "$sim_bin" deployment "$config" --out "$out/deployment" > "$out/logs/deployment.log"
+    # shellcheck disable=SC1091
+    source "$out/deployment/deployment.env"
+    ((clients_given)) || clients=$clients_per_round
+    ((clients <= num_clients)) || { echo "--clients $clients: the partition has $num_clients" >&2; exit 2; }
+    init_flags=(--tables "$out/deployment/server-tables.toml")
+fi
+"$server_bin" init "$out/server" --listen 127.0.0.1:0 --admin 127.0.0.1:0 "${init_flags[@]}" \
+    > "$out/logs/init.log"
+sed -i -e "s/^rounds = .*/rounds = $rounds/" "$out/server/server.toml"
+if [[ -z "$config" ]]; then
+    sed -i -e "s/^clients_per_round = .*/clients_per_round = $clients/" "$out/server/server.toml"
+    num_clients=$clients
+fi
 client_flags=()
 if ((split)); then
     # The CNN cut after its first conv block with the template's [split] table, uncommented.
@@ -96,12 +119,17 @@ pids+=("$server_pid")
 address=$(listening "$out/server" "$server_pid" "$out/logs/server.log")
 echo "fl-server on $address; starting $clients clients" >&2
 
+# Each client joins before the next starts, so device-i is the server's client i — as client i
+# is in fl-sim, which gives it the same task seeds.
 for ((i = 0; i < clients; i++)); do
     "$client_bin" run --server "$address" --server-name localhost \
         --identity "$out/server/clients/device-$i" \
-        --data-dir "$data_dir" --partition "$partition" --num-clients "$clients" --index "$i" \
+        --data-dir "$data_dir" --dataset "$dataset" --partition "$partition" \
+        --partition-seed "$partition_seed" --num-clients "$num_clients" --index "$i" \
         "${client_flags[@]}" > "$out/logs/client-$i.json" 2> "$out/logs/client-$i.log" &
     pids+=("$!")
+    wait_for_line "$out/logs/server.log" "joined client=client-$i name=\"device-$i\"" "$!" 120 \
+        "$out/logs/client-$i.log"
 done
 
 wait_for_exit "$server_pid" "$timeout_s" "$out/logs/server.log"

@@ -34,8 +34,19 @@ pub enum DataSource {
 }
 
 /// Parses a partitioner named on the command line: `iid`, `shards`, `dirichlet:ALPHA`,
-/// `quantity-skew:ALPHA`.
+/// `quantity-skew:ALPHA`, or an experiment's `[data] partition` as an inline TOML table
+/// (`{ kind = "shards", num_clients = 100, shards_per_client = 2 }`, which names its own client
+/// count; `fl-sim deployment` writes it).
 pub fn parse_partition(text: &str, num_clients: usize) -> Result<PartitionSpec> {
+    if text.trim_start().starts_with('{') {
+        #[derive(serde::Deserialize)]
+        struct Table {
+            partition: PartitionSpec,
+        }
+        let table: Table = toml::from_str(&format!("partition = {text}"))
+            .with_context(|| format!("the partition table `{text}`"))?;
+        return Ok(table.partition);
+    }
     let (kind, arg) = match text.split_once(':') {
         Some((k, a)) => (k, Some(a)),
         None => (text, None),
@@ -124,6 +135,24 @@ fn display_name(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_experiment_partition_table_parses_as_the_experiment_reads_it() {
+        assert_eq!(
+            parse_partition(
+                "{ kind = \"shards\", num_clients = 100, shards_per_client = 3 }",
+                1
+            )
+            .unwrap(),
+            PartitionSpec::Shards {
+                num_clients: 100,
+                shards_per_client: 3,
+                label_pure: true
+            }
+        );
+        let err = parse_partition("{ kind = \"shards\" }", 1).unwrap_err();
+        assert!(format!("{err:#}").contains("num_clients"), "{err:#}");
+    }
 
     #[test]
     fn partitioners_parse_and_errors_say_what_is_wrong() {

@@ -55,7 +55,8 @@ struct RunArgs {
     /// Data root holding mnist/.
     #[arg(long, env = "SHOAL_DATA")]
     data_dir: Option<PathBuf>,
-    /// How the dataset is split: iid, shards, dirichlet:ALPHA, quantity-skew:ALPHA.
+    /// How the dataset is split: iid, shards, dirichlet:ALPHA, quantity-skew:ALPHA, or an
+    /// experiment's partition table, e.g. '{ kind = "shards", num_clients = 100 }'.
     #[arg(long, default_value = "iid")]
     partition: String,
     /// Clients the dataset is split across.

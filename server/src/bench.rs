@@ -106,6 +106,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
         &["localhost".into(), "127.0.0.1".into()],
         "127.0.0.1:0".parse()?,
         "127.0.0.1:0".parse()?,
+        None,
     )?;
     for i in 0..options.clients {
         datadir::issue_client(&data, &format!("device-{i}"))?;

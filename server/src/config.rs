@@ -343,6 +343,44 @@ impl ServerConfig {
     }
 }
 
+/// The tables of `server.toml` a run-defining file may set (`fl-server init --tables`, written by
+/// `fl-sim deployment` from an experiment).
+const RUN_TABLES: [&str; 9] = [
+    "seed",
+    "codec",
+    "feedback",
+    "data",
+    "model",
+    "algorithm",
+    "split",
+    "stop",
+    "eval",
+];
+
+/// The configuration `template` with its top-level keys and tables replaced by those of `tables`
+/// (TOML text holding only [`RUN_TABLES`]); checked as a whole before it is returned.
+pub fn with_tables(template: &str, tables: &str) -> Result<String> {
+    let mut config: toml::Table = toml::from_str(template).context("the configuration template")?;
+    let tables: toml::Table = toml::from_str(tables).context("parsing the tables")?;
+    for (key, value) in tables {
+        ensure!(
+            RUN_TABLES.contains(&key.as_str()),
+            "`{key}` is not a table that defines a run (only {}; [server], [storage] and [runtime] stay the \
+             template's)",
+            RUN_TABLES.join(", ")
+        );
+        config.insert(key, value);
+    }
+    let text = format!(
+        "# fl-server configuration, from the template of `fl-server init` with the run's tables replaced\n\
+         # (`fl-server init --tables`). Start the server with `fl-server run DIR`.\n{}",
+        toml::to_string(&config).context("writing the configuration")?
+    );
+    let parsed: ServerConfig = toml::from_str(&text).context("the configuration with the tables")?;
+    parsed.validate().context("the configuration with the tables")?;
+    Ok(text)
+}
+
 /// The commented configuration `fl-server init` writes.
 pub fn template(listen: SocketAddr, admin: SocketAddr) -> String {
     format!(
@@ -436,6 +474,33 @@ scale_up_queue = 2             # a leaf joins when every leaf has this many upda
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn run_tables_replace_the_template_s_and_the_rest_stay() {
+        let listen = "127.0.0.1:4433".parse().expect("an address");
+        let admin = "127.0.0.1:4434".parse().expect("an address");
+        let text = with_tables(
+            &template(listen, admin),
+            "codec = \"topk(0.1)\"\nfeedback = \"ef\"\n[data]\ndataset = \"synthetic\"\n[model]\nname = \"logreg\"\nbatch_size = 4\n",
+        )
+        .expect("valid tables");
+        let config: ServerConfig = toml::from_str(&text).expect("a valid configuration");
+        assert_eq!(config.codec.to_string(), "topk(0.1)");
+        assert_eq!(config.feedback, Feedback::Ef);
+        assert_eq!(config.model.name, "logreg");
+        assert_eq!(config.server.listen, listen, "[server] stays the template's");
+        let err =
+            with_tables(&template(listen, admin), "[server]\nlisten = \"0.0.0.0:1\"\n").expect_err("refused");
+        assert!(err.to_string().contains("`server`"), "{err}");
+        // The whole configuration is checked: SCAFFOLD with a lossy codec is refused.
+        let err = with_tables(
+            &template(listen, admin),
+            "codec = \"topk(0.1)\"\n[algorithm.rule]\nrule = \"scaffold\"\n",
+        )
+        .expect_err("refused");
+        assert!(format!("{err:#}").contains("lossless"), "{err:#}");
+    }
+
     use super::*;
 
     #[test]

@@ -84,14 +84,16 @@ fn write_new(path: &Path, contents: &str, private: bool) -> Result<()> {
 }
 
 /// Creates a data directory: a CA, a server certificate for `names` (DNS names and IPs), and a
-/// commented configuration listening on `listen` with its admin API on `admin`. Refuses a
-/// directory that already holds one.
+/// commented configuration listening on `listen` with its admin API on `admin` — with the
+/// run-defining tables of `tables` (TOML text, see [`crate::config::with_tables`]) when given.
+/// Refuses a directory that already holds one.
 pub fn init(
     dir: &DataDir,
     server_name: &str,
     names: &[String],
     listen: SocketAddr,
     admin: SocketAddr,
+    tables: Option<&str>,
 ) -> Result<()> {
     if dir.config().exists() || dir.ca_cert().exists() {
         bail!(
@@ -102,6 +104,11 @@ pub fn init(
     if names.is_empty() {
         bail!("give at least one name or IP address the server is reached at (--san)");
     }
+    let template = crate::config::template(listen, admin);
+    let config = match tables {
+        Some(tables) => crate::config::with_tables(&template, tables)?,
+        None => template,
+    };
     std::fs::create_dir_all(dir.root().join("tls"))
         .with_context(|| format!("creating {}", dir.root().display()))?;
     std::fs::create_dir_all(dir.root().join("clients"))?;
@@ -117,7 +124,7 @@ pub fn init(
     write_new(&dir.tls("ca.key"), &ca.key, true)?;
     write_new(&dir.tls("server.pem"), &server.cert, false)?;
     write_new(&dir.tls("server.key"), &server.key, true)?;
-    write_new(&dir.config(), &crate::config::template(listen, admin), false)?;
+    write_new(&dir.config(), &config, false)?;
     Ok(())
 }
 

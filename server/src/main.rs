@@ -39,6 +39,10 @@ enum Command {
         /// gRPC admin address written into server.toml (keep it on loopback).
         #[arg(long, default_value = "127.0.0.1:4434")]
         admin: SocketAddr,
+        /// A TOML file whose seed, codec, feedback, [data], [model], [algorithm] (and [split],
+        /// [stop], [eval]) replace the template's, e.g. from `fl-sim deployment EXPERIMENT`.
+        #[arg(long)]
+        tables: Option<PathBuf>,
     },
     /// Issue a client certificate and key into DIR/clients/NAME/ (with the CA certificate).
     IssueClient {
@@ -192,9 +196,16 @@ fn main() -> Result<()> {
             name,
             listen,
             admin,
+            tables,
         } => {
             let data = DataDir::new(&dir);
-            datadir::init(&data, &name, &names, listen, admin)?;
+            let tables = match &tables {
+                Some(path) => Some(
+                    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+                ),
+                None => None,
+            };
+            datadir::init(&data, &name, &names, listen, admin, tables.as_deref())?;
             println!("created {}", dir.display());
             println!("  configuration: {}", data.config().display());
             println!("  CA certificate: {}", data.ca_cert().display());

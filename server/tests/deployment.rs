@@ -129,6 +129,77 @@ fn the_local_federation_example_trains_mnist_over_mutual_tls() {
     }
 }
 
+/// `local-federation.sh --config FILE` deploys an fl-sim experiment: the server takes its method
+/// (here FedAvg with top-k and error feedback), each client its share of the partition, and with
+/// every client in every round the processes compute what fl-sim computes.
+#[test]
+fn the_local_federation_example_deploys_an_experiment_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fedavg-topk-ef.toml");
+    std::fs::write(
+        &file,
+        r#"seed = 5
+codec = "topk(0.1)"
+feedback = "ef"
+
+[data]
+dataset = "synthetic"
+partition = { kind = "iid", num_clients = 3 }
+
+[model]
+name = "mlp"
+batch_size = 10
+
+[algorithm]
+local_steps = 5
+local_lr = 0.05
+
+[algorithm.rule]
+rule = "fedavg"
+
+[algorithm.scheduler]
+scheduler = "sync"
+clients_per_round = 3
+
+[stop]
+rounds = 2
+"#,
+    )
+    .unwrap();
+    let (summary, _out) = local_federation(&[
+        "--config",
+        file.to_str().unwrap(),
+        "--rounds",
+        "2",
+        "--timeout",
+        "120",
+    ]);
+    assert_deployment_summary(&summary);
+    assert_eq!(summary["clients"], 3, "the clients a round of the file needs");
+    assert_eq!(
+        (summary["codec"].as_str(), summary["feedback"].as_str()),
+        (Some("topk(0.1)"), Some("ef"))
+    );
+    let experiment = shoal_sim::experiment::ExperimentConfig::load(&file).unwrap();
+    let simulated = shoal_sim::experiment::run(&experiment, None, &mut shoal_sim::experiment::Quiet).unwrap();
+    let sim = &simulated.summary.totals;
+    assert_eq!(summary["rounds"].as_u64(), Some(sim.rounds));
+    assert_eq!(summary["updates_folded"].as_u64(), Some(sim.updates_folded));
+    assert_eq!(
+        summary["bytes_up"].as_u64(),
+        Some(sim.bytes_up),
+        "the same payloads"
+    );
+    let (deployed, simulated) = (
+        summary["final_accuracy"].as_f64().unwrap(),
+        sim.final_accuracy.unwrap(),
+    );
+    assert!(
+        (deployed - simulated).abs() < 1e-9,
+        "final accuracy {deployed} vs fl-sim's {simulated}"
+    );
+}
+
 #[test]
 fn hierarchical_aggregation_across_three_processes_equals_flat_aggregation() {
     // A random tree: a top and two leaf fl-servers with 1–3 clients each.

@@ -46,6 +46,9 @@ enum Command {
     /// Print what an experiment's fleet looks like: devices, quantiles of speed and bandwidth,
     /// availability.
     Fleet(FleetArgs),
+    /// Write what deploys an experiment on real fl-server and fl-client processes: the tables of
+    /// server.toml that define the run (for `fl-server init --tables`) and the clients' partition.
+    Deployment(DeploymentArgs),
     /// Train a model centrally on the whole training set and report test accuracy per epoch.
     Central(CentralArgs),
     /// Split computing, BottleFit's way: train the model centrally, inject a bottleneck at a cut,
@@ -152,6 +155,15 @@ struct FleetArgs {
     json: bool,
     #[command(flatten)]
     data: DataArgs,
+}
+
+#[derive(Args)]
+struct DeploymentArgs {
+    /// The experiment file.
+    file: PathBuf,
+    /// Folder to write `server-tables.toml` and `deployment.env` into (created if needed).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -529,6 +541,22 @@ fn fleet_cmd(args: FleetArgs) -> Result<()> {
     Ok(())
 }
 
+fn deployment_cmd(args: DeploymentArgs) -> Result<()> {
+    let config = ExperimentConfig::load(&args.file)?;
+    let deployment = shoal_sim::deployment::deployment(&config)
+        .with_context(|| format!("deploying {}", args.file.display()))?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    for (name, text) in [
+        ("server-tables.toml", &deployment.server_tables),
+        ("deployment.env", &deployment.client_env),
+    ] {
+        let path = args.out.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
 /// Writes a benchmark report as pretty JSON.
 fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<()> {
     std::fs::write(path, serde_json::to_string_pretty(value)? + "\n")
@@ -683,6 +711,7 @@ fn main() -> Result<()> {
         Command::Run(args) => run_cmd(args),
         Command::Compare(args) => compare_cmd(args),
         Command::Fleet(args) => fleet_cmd(args),
+        Command::Deployment(args) => deployment_cmd(args),
         Command::Central(args) => central_cmd(args),
         Command::Distill(args) => distill_cmd(args),
         Command::Bench(BenchSuite::Training(args)) => bench_cmd(args),

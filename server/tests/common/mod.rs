@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The folder holding fl-server (built by cargo for these tests) and fl-client (brought up to
-/// date here: cargo builds another package's binary only for that package's own tests).
+/// The folder holding fl-server (built by cargo for these tests), fl-client and fl-sim (brought
+/// up to date here: cargo builds another package's binary only for that package's own tests).
 pub fn bin_dir() -> PathBuf {
     static BUILT: std::sync::Once = std::sync::Once::new();
     let server = PathBuf::from(env!("CARGO_BIN_EXE_fl-server"));
@@ -19,13 +19,24 @@ pub fn bin_dir() -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
         build
-            .args(["build", "--quiet", "-p", "shoal-client", "--bin", "fl-client"])
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "shoal-client",
+                "--bin",
+                "fl-client",
+                "-p",
+                "shoal-sim",
+                "--bin",
+                "fl-sim",
+            ])
             .current_dir(repo_root());
         if dir.ends_with("release") {
             build.arg("--release");
         }
         let status = build.status().unwrap();
-        assert!(status.success(), "building fl-client failed");
+        assert!(status.success(), "building fl-client and fl-sim failed");
     });
     assert!(
         dir.join("fl-client").exists(),
