@@ -12,8 +12,8 @@
 //!   gradient oracle, the upload encoded with the codec chain through error feedback, the payloads
 //!   a server decodes, and the state (rule state, feedback memory) to keep once the server has
 //!   the update.
-//! - [`server`]: the context a server rule applies an aggregation in (the population `N` before
-//!   and after, the local task).
+//! - [`server`]: decoding and checking an upload as it arrives, and the context a server rule
+//!   applies an aggregation in (the population `N` before and after, the local task).
 //! - [`metrics`]: what both drivers write to `metrics.jsonl` and `summary.json`, with one
 //!   meaning.
 //! - [`pairing`]: which codecs and which error feedback suit which rules, checked when a
@@ -27,8 +27,8 @@ pub mod pairing;
 pub mod server;
 
 pub use device::{DeviceError, DeviceState, DeviceTask, DeviceUpdate, run_task};
-pub use pairing::{FeedbackError, PairingError, check_codec, check_feedback};
-pub use server::apply_context;
+pub use pairing::{FeedbackError, MethodError, PairingError, check_codec, check_feedback, check_method};
+pub use server::{UploadError, apply_context, decode_upload};
 
 /// A rule from the text of its `[algorithm.rule]` table, for this crate's tests.
 #[cfg(test)]

@@ -13,7 +13,7 @@
 //! not SCALLION or SCAFCOM, which compress inside the rule with their own correction, nor FedAsync,
 //! which uploads a model rather than an update.
 
-use shoal_aggregators::RuleConfig;
+use shoal_aggregators::{AlgorithmConfig, ConfigError, RuleConfig};
 use shoal_compression::CodecSpec;
 use shoal_compression::feedback::Feedback;
 use thiserror::Error;
@@ -98,6 +98,41 @@ pub fn check_codec(rule: &RuleConfig, codec: &CodecSpec) -> Result<(), PairingEr
         }),
         None => Ok(()),
     }
+}
+
+/// Why a method — `[algorithm]`, `codec`, `feedback` — cannot run.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum MethodError {
+    /// The `[algorithm]` table does not build.
+    #[error("[algorithm]: {0}")]
+    Algorithm(#[from] ConfigError),
+    /// The codec does not suit the rule.
+    #[error(transparent)]
+    Codec(#[from] PairingError),
+    /// The feedback does not suit the rule and codec.
+    #[error(transparent)]
+    Feedback(#[from] FeedbackError),
+    /// Error feedback was asked of a split-learning run.
+    #[error("error feedback applies to federated uploads, not to split runs; set feedback = \"none\"")]
+    FeedbackOnSplit,
+}
+
+/// Checks a method as fl-sim and fl-server both load it: the `[algorithm]` table builds with
+/// `seed`, the codec suits the rule, and the feedback suits both (and is off in a `split` run).
+pub fn check_method(
+    algorithm: &AlgorithmConfig,
+    codec: &CodecSpec,
+    feedback: Feedback,
+    seed: u64,
+    split: bool,
+) -> Result<(), MethodError> {
+    check_codec(&algorithm.rule, codec)?;
+    check_feedback(&algorithm.rule, codec, feedback)?;
+    if split && feedback != Feedback::None {
+        return Err(MethodError::FeedbackOnSplit);
+    }
+    algorithm.build(seed)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -217,5 +252,37 @@ mod tests {
                 assert_eq!(check_feedback(&r, &codec("identity"), Feedback::None), Ok(()));
             }
         }
+    }
+
+    #[test]
+    fn a_method_is_checked_whole() {
+        #[derive(serde::Deserialize)]
+        struct Wrap {
+            algorithm: AlgorithmConfig,
+        }
+        let algorithm = |text: &str| -> AlgorithmConfig {
+            toml::from_str::<Wrap>(&format!("[algorithm]\n{text}"))
+                .expect("a valid table")
+                .algorithm
+        };
+        let fedavg = algorithm("local_steps = 2\nlocal_lr = 0.1\n[algorithm.rule]\nrule = \"fedavg\"");
+        assert_eq!(
+            check_method(&fedavg, &codec("topk(0.1)"), Feedback::Ef, 0, false),
+            Ok(())
+        );
+        assert_eq!(
+            check_method(&fedavg, &codec("topk(0.1)"), Feedback::Ef, 0, true),
+            Err(MethodError::FeedbackOnSplit)
+        );
+        assert!(matches!(
+            check_method(&fedavg, &codec("identity"), Feedback::Ef, 0, false),
+            Err(MethodError::Feedback(_))
+        ));
+        let no_steps = algorithm("local_steps = 0\nlocal_lr = 0.1\n[algorithm.rule]\nrule = \"fedavg\"");
+        let err = check_method(&no_steps, &codec("identity"), Feedback::None, 0, false).expect_err("refused");
+        assert!(
+            matches!(err, MethodError::Algorithm(_)) && err.to_string().starts_with("[algorithm]"),
+            "{err}"
+        );
     }
 }

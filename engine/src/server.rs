@@ -1,7 +1,72 @@
-//! The server side's steps that both fl-server and fl-sim take after the Coordinator commands an
-//! aggregation.
+//! The server side's steps: decoding and checking an upload as it arrives (fl-server's
+//! connections, its replay of stored updates, its benchmarks), and the context the server rule
+//! applies an aggregation in (fl-server and fl-sim, once the Coordinator commands it).
 
 use shoal_aggregators::{AlgorithmConfig, ApplyContext};
+use shoal_compression::{DecodeError, DecodeLimits};
+use shoal_core::Layout;
+use thiserror::Error;
+
+/// Why an upload is refused.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum UploadError {
+    /// The parts' announced sizes do not add up to what arrived.
+    #[error("parts announce {announced} bytes, {arrived} arrived")]
+    Length {
+        /// The sum of the announced part sizes (saturated).
+        announced: u64,
+        /// The bytes that arrived.
+        arrived: u64,
+    },
+    /// A part's payload does not decode for the run's layout.
+    #[error("part {part}: {source}")]
+    Decode {
+        /// The part.
+        part: usize,
+        /// Why.
+        source: DecodeError,
+    },
+    /// A decoded value is NaN or infinite.
+    #[error("part {part}: value {index} is not finite")]
+    NotFinite {
+        /// The part.
+        part: usize,
+        /// The value's index.
+        index: usize,
+    },
+}
+
+/// Decodes an upload's payloads (one per part, back to back in `bytes`, of `part_bytes` each) for
+/// `layout`, within the size limits of that layout, and checks every value is finite. Any bytes a
+/// peer sends give a value or an error, never a panic.
+pub fn decode_upload(
+    bytes: &[u8],
+    part_bytes: &[u64],
+    layout: &Layout,
+) -> Result<Vec<Vec<f32>>, UploadError> {
+    let limits = DecodeLimits::for_dim(layout.len());
+    let announced = part_bytes.iter().fold(0u64, |a, &b| a.saturating_add(b));
+    if announced != bytes.len() as u64 {
+        return Err(UploadError::Length {
+            announced,
+            arrived: bytes.len() as u64,
+        });
+    }
+    let mut rest = bytes;
+    let mut parts = Vec::with_capacity(part_bytes.len());
+    for (part, &len) in part_bytes.iter().enumerate() {
+        // Each part is at most the total, which is the length of `bytes`.
+        let (payload, tail) = rest.split_at(usize::try_from(len).unwrap_or(usize::MAX).min(rest.len()));
+        rest = tail;
+        let (values, _) = shoal_compression::decode(payload, layout, &limits)
+            .map_err(|source| UploadError::Decode { part, source })?;
+        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+            return Err(UploadError::NotFinite { part, index });
+        }
+        parts.push(values);
+    }
+    Ok(parts)
+}
 
 /// The context of the server rule's `apply` for a [`Command::Aggregate`](shoal_aggregators::Command)
 /// with population `num_clients` (and `previous_num_clients` at the aggregation before): the
@@ -15,5 +80,75 @@ pub fn apply_context(
         num_clients,
         previous_num_clients,
         task: config.local_task(config.local_steps),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_compression::{CodecCompressor, CodecSpec};
+    use shoal_core::{LayoutBuilder, SegmentKind};
+    use std::sync::Arc;
+
+    fn layout() -> Arc<Layout> {
+        let mut b = LayoutBuilder::new();
+        b.push("w", &[3, 4], SegmentKind::Trainable)
+            .expect("a valid segment");
+        Arc::new(b.build())
+    }
+
+    fn payload(values: &[f32]) -> Vec<u8> {
+        let codec: CodecSpec = "identity".parse().expect("a codec");
+        CodecCompressor::new(codec, layout(), 1)
+            .encode(values)
+            .expect("encodes")
+    }
+
+    #[test]
+    fn an_upload_decodes_part_by_part_and_bad_ones_are_refused_by_name() {
+        let a: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        let b: Vec<f32> = (0..12).map(|i| -(i as f32)).collect();
+        let (pa, pb) = (payload(&a), payload(&b));
+        let bytes = [pa.clone(), pb.clone()].concat();
+        let sizes = [pa.len() as u64, pb.len() as u64];
+        assert_eq!(decode_upload(&bytes, &sizes, &layout()), Ok(vec![a, b]));
+        assert!(matches!(
+            decode_upload(&bytes, &[sizes[0], sizes[1] + 1], &layout()),
+            Err(UploadError::Length { .. })
+        ));
+        assert!(matches!(
+            decode_upload(&bytes, &[u64::MAX, 1], &layout()),
+            Err(UploadError::Length { .. })
+        ));
+        let mut damaged = bytes.clone();
+        damaged[pa.len() + 20] ^= 0xff;
+        assert!(matches!(
+            decode_upload(&damaged, &sizes, &layout()),
+            Err(UploadError::Decode { part: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn arbitrary_bytes_and_sizes_never_panic() {
+        let mut state = 0x1234_5678_9abc_def0u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let good = payload(&[0.5; 12]);
+        for _ in 0..2000 {
+            let mut bytes = good.clone();
+            let flips = next() % 4;
+            for _ in 0..flips {
+                let i = (next() as usize) % bytes.len();
+                bytes[i] = next() as u8;
+            }
+            bytes.truncate((next() as usize) % (bytes.len() + 1));
+            let cut = (next() as usize) % (bytes.len() + 1);
+            let sizes = [cut as u64, (bytes.len() - cut) as u64];
+            let _ = decode_upload(&bytes, &sizes, &layout());
+        }
     }
 }

@@ -6,7 +6,6 @@
 //! and a plain in-process decode-and-fold of the same updates (server compute).
 
 use crate::datadir::{self, DataDir};
-use crate::run::decode_update;
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
 use shoal_aggregators::RuleConfig;
@@ -230,7 +229,7 @@ fn baseline_decode_fold(model: &str, codec: &str, clients: usize) -> Result<(usi
     for _ in 0..repeats {
         acc.reset();
         for _ in 0..clients {
-            let parts = decode_update(&payload, &part, &layout).map_err(anyhow::Error::msg)?;
+            let parts = shoal_engine::decode_upload(&payload, &part, &layout)?;
             let views: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
             rule.server.fold(&mut acc, &views, 1.0)?;
         }

@@ -259,17 +259,18 @@ impl ServerConfig {
 
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<()> {
-        // The engine's check of the codec against the rule: the same in fl-sim and fl-server.
-        shoal_engine::check_codec(&self.algorithm.rule, &self.codec)?;
-        shoal_engine::check_feedback(&self.algorithm.rule, &self.codec, self.feedback)?;
+        // The engine's check of the method (algorithm, codec, feedback): the same in fl-sim.
+        shoal_engine::check_method(
+            &self.algorithm,
+            &self.codec,
+            self.feedback,
+            self.seed,
+            self.split.is_some(),
+        )?;
         ensure!(
             self.feedback != Feedback::Ef21,
             "feedback = \"ef21\" runs in fl-sim only for now: fl-server would need to keep every client's h_i \
              durably beside its acknowledged updates; use feedback = \"ef\""
-        );
-        ensure!(
-            self.feedback == Feedback::None || self.split.is_none(),
-            "error feedback applies to federated uploads, not to [split] runs"
         );
         ensure!(
             self.stop.rounds.is_some() || self.stop.target_accuracy.is_some(),
@@ -297,7 +298,6 @@ impl ServerConfig {
                 "[server] {name} must be positive, got {v}"
             );
         }
-        self.algorithm.build(self.seed).context("[algorithm]")?;
         self.runtime
             .check()
             .map_err(|e| anyhow::anyhow!("[runtime] {e}"))?;

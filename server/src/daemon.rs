@@ -15,7 +15,7 @@ use crate::datadir::DataDir;
 use crate::files;
 use crate::run::{
     Contribution, Offer, Outgoing, ProcessFigures, ReceivedUpdate, Run, RunSummary, SharedBroadcast,
-    decode_contribution, decode_update,
+    decode_contribution,
 };
 use crate::split::{Serving, SplitRun, Taken};
 use crate::store::Store;
@@ -655,9 +655,12 @@ impl From<StreamError> for Fatal {
         let code = match &e {
             StreamError::TooLarge { .. }
             | StreamError::Frame(shoal_net::framing::FrameError::TooLarge { .. }) => ErrorCode::TooLarge,
-            StreamError::Frame(_) | StreamError::Truncated { .. } | StreamError::TrailingBytes { .. } => {
-                ErrorCode::Malformed
-            }
+            // A peer that resets its own stream abandons what it was sending: a bad upload.
+            StreamError::Frame(_)
+            | StreamError::Truncated { .. }
+            | StreamError::TrailingBytes { .. }
+            | StreamError::Read(quinn::ReadError::Reset(_)) => ErrorCode::Malformed,
+            // The transport failed (the connection was lost): nobody's fault.
             _ => ErrorCode::Internal,
         };
         Fatal(code, e.to_string())
@@ -802,9 +805,13 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     shared.wire_in.fetch_add(stats.udp_rx.bytes, Ordering::Relaxed);
     shared.wire_out.fetch_add(stats.udp_tx.bytes, Ordering::Relaxed);
     if let Some(client) = session.client {
-        // A client cut off by an error loses the task it was uploading at once, so a round
-        // does not wait out its grace period for it.
-        if let (Err(_), Some(task)) = (&result, session.task_of_upload) {
+        // A client cut off for a bad upload (malformed, oversized, truncated) loses the task it was
+        // uploading at once, so a round does not wait out its grace period for it. A connection
+        // that was lost mid-upload (`Internal`: the transport failed) keeps its task for the grace
+        // period: the client holds the update and sends it again when it reconnects.
+        if let (Err(Fatal(code, _)), Some(task)) = (&result, session.task_of_upload)
+            && *code != ErrorCode::Internal
+        {
             let _ = shared.requests.send(Request::Failed {
                 client,
                 task,
@@ -1083,7 +1090,8 @@ impl Session {
             }
             Some(split) => {
                 // The device sends its head; the stored update is [Δhead | Δtail], dense.
-                let head = decode_update(&body, &part_bytes, split.model().head.layout())?;
+                let head = shoal_engine::decode_upload(&body, &part_bytes, split.model().head.layout())
+                    .map_err(|e| e.to_string())?;
                 let [head] = head.as_slice() else {
                     return Err(format!("a split update has one part, this one {}", head.len()));
                 };

@@ -16,7 +16,6 @@ use serde::Serialize;
 use shoal_aggregators::{
     Accumulator, Algorithm, Broadcast, Command, Coordinator, CoordinatorError, Event, ServerState, TaskRecord,
 };
-use shoal_compression::DecodeLimits;
 use shoal_core::{ClientId, Layout, ModelVersion, TaskId, Timestamp, UpdateMeta};
 use shoal_engine::metrics::{FoldWindow, RunTotals, VersionRecord};
 use shoal_model::Model;
@@ -146,7 +145,7 @@ pub enum Contribution {
 }
 
 /// Decodes what an update file holds: a leaf's partial aggregate when `partial`, else a client's
-/// payloads (see [`decode_update`]).
+/// payloads (see [`shoal_engine::decode_upload`]).
 pub fn decode_contribution(
     bytes: &[u8],
     part_bytes: &[u64],
@@ -155,9 +154,9 @@ pub fn decode_contribution(
     partial: bool,
 ) -> Result<Contribution, String> {
     if !partial {
-        return Ok(Contribution::Upload(Arc::from(decode_update(
-            bytes, part_bytes, layout,
-        )?)));
+        return Ok(Contribution::Upload(Arc::from(
+            shoal_engine::decode_upload(bytes, part_bytes, layout).map_err(|e| e.to_string())?,
+        )));
     }
     if part_bytes.len() != 1 {
         return Err(format!(
@@ -303,28 +302,6 @@ pub struct Run {
     split: Option<Arc<SplitRun>>,
     /// A leaf of a federation: its exchange with the top.
     leaf: Option<LeafLink>,
-}
-
-/// Decodes an update's payloads (one per part, back to back in `bytes`) for `layout`, checking
-/// sizes and that every value is finite.
-pub fn decode_update(bytes: &[u8], part_bytes: &[u64], layout: &Layout) -> Result<Vec<Vec<f32>>, String> {
-    let limits = DecodeLimits::for_dim(layout.len());
-    let total: u64 = part_bytes.iter().fold(0u64, |a, &b| a.saturating_add(b));
-    if total != bytes.len() as u64 {
-        return Err(format!("parts announce {total} bytes, {} arrived", bytes.len()));
-    }
-    let mut rest = bytes;
-    let mut parts = Vec::with_capacity(part_bytes.len());
-    for &len in part_bytes {
-        let (payload, tail) = rest.split_at(len as usize);
-        rest = tail;
-        let (values, _) = shoal_compression::decode(payload, layout, &limits).map_err(|e| e.to_string())?;
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(format!("value {i} is not finite"));
-        }
-        parts.push(values);
-    }
-    Ok(parts)
 }
 
 impl Run {

@@ -295,13 +295,14 @@ fn assert_equal_runs(rule: &str, codec: &str, feedback: &str, restart: Option<us
     let deployed = deployed_with(&method, restart);
     let label = format!(
         "`{}` with `{codec}`, feedback `{feedback}`",
-        rule.lines().next().unwrap_or(rule)
+        rule.replace('\n', ", ")
     );
     assert_eq!(
         deployed.states.len(),
         simulated.len(),
         "{label}: versions committed by fl-server and by fl-sim"
     );
+    let mut worst = 0f64;
     for (v, (server, sim)) in deployed.states.iter().zip(&simulated).enumerate() {
         assert_eq!(
             (
@@ -324,8 +325,11 @@ fn assert_equal_runs(rule: &str, codec: &str, feedback: &str, restart: Option<us
                 gap <= 1e-5,
                 "{label}: version {v}'s {name} differs by {gap:e} (relative)"
             );
+            worst = worst.max(gap);
         }
     }
+    // Shown with --nocapture: the measured agreement of each case.
+    println!("{label}: largest relative gap over every version and vector {worst:e}");
     // The same payloads crossed the wire (a restarted agent may send one twice: the server
     // counts what it accepted).
     assert_eq!(

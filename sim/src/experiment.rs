@@ -215,9 +215,14 @@ impl ExperimentConfig {
 
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<()> {
-        // The engine's check of the codec against the rule: the same in fl-sim and fl-server.
-        shoal_engine::check_codec(&self.algorithm.rule, &self.codec)?;
-        shoal_engine::check_feedback(&self.algorithm.rule, &self.codec, self.feedback)?;
+        // The engine's check of the method (algorithm, codec, feedback): the same in fl-server.
+        shoal_engine::check_method(
+            &self.algorithm,
+            &self.codec,
+            self.feedback,
+            self.seed,
+            self.mode == Mode::Split,
+        )?;
         ensure!(
             self.stop.rounds.is_some() || self.stop.time_s.is_some(),
             "[stop] needs `rounds` or `time_s` (a target accuracy alone may never be reached)"
@@ -246,7 +251,6 @@ impl ExperimentConfig {
             "[model] batch_size must be at least 1"
         );
         self.fleet.validate()?;
-        self.algorithm.build(self.seed).context("[algorithm]")?;
         if let Some(aggregation) = &self.server.aggregation {
             aggregation
                 .check()
@@ -255,10 +259,6 @@ impl ExperimentConfig {
         match (&self.split, self.mode) {
             (Some(split), Mode::Split) => {
                 split.check_algorithm(&self.algorithm)?;
-                ensure!(
-                    self.feedback == Feedback::None,
-                    "error feedback applies to federated uploads, not to split runs"
-                );
                 ensure!(
                     self.server.gflops.is_finite() && self.server.gflops > 0.0 && self.server.lanes >= 1,
                     "[server] needs gflops > 0 and lanes ≥ 1"
