@@ -3,8 +3,9 @@
 //! runs the same experiment with the same seeds. Under synchronous rounds with full participation
 //! every committed version — its model and every global vector the rule keeps (c, g, x_prev, the
 //! momentum) — equals fl-sim's to 1e-5 relative, for every rule with a codec that suits it, and
-//! both sides count the same upload bytes. Under the asynchronous schedulers, where arrival order
-//! is the network's, each acknowledged update is folded into exactly one version.
+//! both sides count the same upload bytes. Under the asynchronous schedulers (FedBuff, FedAsync,
+//! FedCompass, FedFix), where arrival order is the network's, each acknowledged update is folded
+//! into exactly one version.
 
 // Helpers outside #[test] functions unwrap too: a failure there is the test failing.
 #![allow(clippy::unwrap_used)]
@@ -480,4 +481,7 @@ fn assert_each_update_folded_once(rule: &str, scheduler: &str) {
 fn asynchronous_schedulers_over_quic_fold_each_update_once() {
     assert_each_update_folded_once("rule = \"fedbuff\"", "scheduler = \"fedbuff\"\nbuffer_size = 2");
     assert_each_update_folded_once("rule = \"fedasync\"", "scheduler = \"fedasync\"");
+    assert_each_update_folded_once("rule = \"fedcompass\"", "scheduler = \"fedcompass\"");
+    // FedFix commits a version per window of real time that folded updates (empty ones skipped).
+    assert_each_update_folded_once("rule = \"fedfix\"", "scheduler = \"fedfix\"\nperiod_s = 0.2");
 }
