@@ -148,6 +148,18 @@ pub struct ApplyContext {
     pub task: LocalTask,
 }
 
+impl ApplyContext {
+    /// The context for a population of `num_clients` that has not changed since the previous
+    /// aggregation, the uploads computed with `task`.
+    pub fn fixed_population(num_clients: usize, task: LocalTask) -> Self {
+        Self {
+            num_clients,
+            previous_num_clients: num_clients,
+            task,
+        }
+    }
+}
+
 /// Errors of the rules.
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum RuleError {

@@ -73,15 +73,7 @@ fn run_weighted(
                 .expect("uploads fold");
         }
         server
-            .apply(
-                &mut state,
-                &acc,
-                &ApplyContext {
-                    num_clients: N,
-                    previous_num_clients: N,
-                    task,
-                },
-            )
+            .apply(&mut state, &acc, &ApplyContext::fixed_population(N, task))
             .expect("apply succeeds");
         states.push(state.clone());
     }
@@ -499,15 +491,7 @@ fn a_single_scaffold_client_is_local_sgd() {
                 .unwrap();
             server.fold(&mut acc, &up.views(), 1.0).unwrap();
             server
-                .apply(
-                    &mut state,
-                    &acc,
-                    &ApplyContext {
-                        num_clients: 1,
-                        previous_num_clients: 1,
-                        task: TASK,
-                    },
-                )
+                .apply(&mut state, &acc, &ApplyContext::fixed_population(1, TASK))
                 .unwrap();
         }
         state.x
@@ -541,15 +525,7 @@ fn uniform_rules_refuse_other_weights_and_bad_uploads_never_move_the_model() {
     assert_eq!((acc.count(), acc.rejected()), (0, 2));
     let before = state.clone();
     server
-        .apply(
-            &mut state,
-            &acc,
-            &ApplyContext {
-                num_clients: N,
-                previous_num_clients: N,
-                task: TASK,
-            },
-        )
+        .apply(&mut state, &acc, &ApplyContext::fixed_population(N, TASK))
         .unwrap();
     assert_eq!(state, before, "an empty aggregation leaves the state alone");
 }
@@ -659,15 +635,7 @@ fn fedasync_mixing_bounds() {
     let before = state.clone();
     assert!(
         server
-            .apply(
-                &mut state,
-                &acc,
-                &ApplyContext {
-                    num_clients: N,
-                    previous_num_clients: N,
-                    task: TASK
-                }
-            )
+            .apply(&mut state, &acc, &ApplyContext::fixed_population(N, TASK))
             .is_err()
     );
     assert_eq!(state, before);

@@ -74,15 +74,7 @@ fn fedavg_round(
     }
     algorithm
         .server
-        .apply(
-            &mut state,
-            &acc,
-            &ApplyContext {
-                num_clients: N,
-                previous_num_clients: N,
-                task,
-            },
-        )
+        .apply(&mut state, &acc, &ApplyContext::fixed_population(N, task))
         .expect("applies");
     state.x
 }

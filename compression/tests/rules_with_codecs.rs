@@ -53,15 +53,7 @@ fn optimality_gap(rule: RuleConfig, codec: &str, rounds: usize) -> (f64, f64) {
         }
         algorithm
             .server
-            .apply(
-                &mut state,
-                &acc,
-                &ApplyContext {
-                    num_clients: N,
-                    previous_num_clients: N,
-                    task,
-                },
-            )
+            .apply(&mut state, &acc, &ApplyContext::fixed_population(N, task))
             .expect("applies");
     }
     (initial, problem.loss(&state.x) - best)
