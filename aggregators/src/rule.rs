@@ -38,6 +38,18 @@ pub struct Broadcast {
     pub x_prev: Option<Arc<[f32]>>,
 }
 
+impl Broadcast {
+    /// Bytes of every vector it carries, as f32 (what a device downloads for a task).
+    pub fn bytes(&self) -> u64 {
+        let vectors = [&self.c, &self.g, &self.x_prev]
+            .iter()
+            .filter(|v| v.is_some())
+            .count()
+            + 1;
+        (vectors * self.x.len() * 4) as u64
+    }
+}
+
 /// What a client keeps between tasks. Which fields a method uses is documented in its file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClientState {

@@ -7,7 +7,7 @@
 use crate::trainer::{EncodedUpdate, TaskSpec, Trainer};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
-use shoal_compression::{CodecCompressor, CodecSpec};
+use shoal_compression::CodecSpec;
 use shoal_net::protocol::StreamHeader;
 use shoal_net::stream::{MessageReader, write_message};
 use shoal_split::{BatchOrder, HeadRunner};
@@ -87,10 +87,7 @@ pub async fn train(
         .codec
         .parse()
         .with_context(|| format!("the server's codec `{}`", spec.codec))?;
-    let mut compressor = CodecCompressor::new(codec, role.model.head.layout().clone(), seed);
-    let payload = compressor
-        .encode(&runner.delta())
-        .context("encoding the head update")?;
+    let payload = runner.encode_update(&codec, seed)?;
     let update = EncodedUpdate {
         meta: trainer.meta(&spec, spec.local_steps, 0.0, started),
         parts: vec![payload],

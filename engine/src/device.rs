@@ -227,6 +227,23 @@ pub fn run_task(
     })
 }
 
+/// Bytes `codec` gives a typical dense update of `layout` — a Gaussian vector of standard
+/// deviation 0.01, drawn from `seed` — for fl-sim's systems-only runs, which size uploads without
+/// training.
+pub fn typical_upload_bytes(
+    layout: &Arc<Layout>,
+    codec: &CodecSpec,
+    seed: u64,
+) -> Result<u64, CompressError> {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Normal};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let normal = Normal::new(0.0f32, 0.01).expect("a constant, valid standard deviation");
+    let update: Vec<f32> = (0..layout.len()).map(|_| normal.sample(&mut rng)).collect();
+    let mut codec = CodecCompressor::new(codec.clone(), layout.clone(), seed);
+    Ok(codec.encode(&update)?.len() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

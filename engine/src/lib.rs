@@ -12,23 +12,40 @@
 //!   gradient oracle, the upload encoded with the codec chain through error feedback, the payloads
 //!   a server decodes, and the state (rule state, feedback memory) to keep once the server has
 //!   the update.
-//! - [`server`]: decoding and checking an upload as it arrives, and the context a server rule
-//!   applies an aggregation in (the population `N` before and after, the local task).
+//! - [`upload`]: what an accepted update contributes — a client's payloads decoded and checked
+//!   as they arrive, or a leaf server's partial aggregate.
+//! - [`server_core`]: the server side of every task once the Coordinator decides: holding each
+//!   accepted contribution, folding it (on the driver's executor: in place in fl-sim, fl-server's
+//!   serverless workers), merging, applying the rule for the population `N` and the configured
+//!   local task, and the state to broadcast and persist.
 //! - [`metrics`]: what both drivers write to `metrics.jsonl` and `summary.json`, with one
 //!   meaning.
 //! - [`pairing`]: which codecs and which error feedback suit which rules, checked when a
 //!   configuration is loaded (fl-sim experiments and fl-server's `server.toml` alike).
 //!
-//! Split learning's device and server steps are in `shoal-split`, at the same level.
+//! Split learning's device and server steps are in `shoal-split`, at the same level (the head
+//! runner trains the head and encodes its update, `HeadRunner::encode_update`).
+//!
+//! **How the line is kept.** The driver crates (fl-sim, fl-server, fl-client) each carry a
+//! `clippy.toml` whose `disallowed-methods` name the steps that are this crate's: a server rule's
+//! `fold` and `apply`, a client rule's `train`, the task-seed derivation, building a codec
+//! compressor or an error-feedback memory. `.ci/run` runs clippy with `-D warnings`, so a driver
+//! that grows its own copy of a step does not land; the two places a driver runs such a step by
+//! nature (fl-server's runtime threads running the rule's fold as this crate's
+//! [`FoldExecutor`], a benchmark's fixture) say so with `#[expect(..., reason = ...)]`.
 
 pub mod device;
 pub mod metrics;
 pub mod pairing;
-pub mod server;
+pub mod server_core;
+pub mod upload;
 
 pub use device::{DeviceError, DeviceState, DeviceTask, DeviceUpdate, run_task};
 pub use pairing::{FeedbackError, MethodError, PairingError, check_codec, check_feedback, check_method};
-pub use server::{UploadError, apply_context, decode_upload};
+pub use server_core::{
+    CoreError, ExecutorError, FoldExecutor, InPlace, InPlaceFolds, OpenFolds, Population, ServerCore,
+};
+pub use upload::{Contribution, SharedUpload, UploadError, decode_contribution, decode_upload};
 
 /// A rule from the text of its `[algorithm.rule]` table, for this crate's tests.
 #[cfg(test)]

@@ -14,7 +14,9 @@
 use crate::runtime::{Runtime, RuntimeConfig, SharedUpload};
 use anyhow::{Context, Result, ensure};
 use serde::Serialize;
-use shoal_aggregators::{ApplyContext, LocalTask, RuleConfig, ServerRule, ServerState};
+use shoal_aggregators::{AlgorithmConfig, ServerRule, ServerState};
+use shoal_core::TaskId;
+use shoal_engine::{Contribution, FoldExecutor, InPlace, Population, ServerCore};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -74,6 +76,7 @@ pub struct AggregateBenchRow {
 }
 
 struct Fixture {
+    config: AlgorithmConfig,
     rule: Arc<dyn ServerRule>,
     uploads: Vec<SharedUpload>,
     x0: Vec<f32>,
@@ -82,7 +85,9 @@ struct Fixture {
 
 impl Fixture {
     fn new(params: usize, options: &AggregateBenchOptions) -> Result<Self> {
-        let rule = RuleConfig::FedAvg { server_lr: 1.0 }.build()?.server;
+        let config: AlgorithmConfig =
+            toml::from_str("local_steps = 1\nlocal_lr = 0.1\n[rule]\nrule = \"fedavg\"")?;
+        let rule = config.rule.build()?.server;
         // Deterministic, varied values (an LCG), cheap to make at 10 M parameters.
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = move || {
@@ -95,6 +100,7 @@ impl Fixture {
             .map(|_| Arc::from(vec![(0..params).map(|_| next() * 1e-2).collect::<Vec<f32>>()]))
             .collect();
         Ok(Self {
+            config,
             rule,
             uploads,
             x0: (0..params).map(|_| next()).collect(),
@@ -106,35 +112,15 @@ impl Fixture {
         (self.uploads[i % self.uploads.len()].clone(), 1.0 + (i % 7) as f64)
     }
 
-    fn apply(&self, acc: &shoal_aggregators::Accumulator) -> Result<Vec<f32>> {
-        let mut state = ServerState::new(self.x0.clone());
-        let ctx = ApplyContext {
-            num_clients: self.updates,
-            previous_num_clients: self.updates,
-            task: LocalTask {
-                local_steps: 1,
-                lr: 0.1,
-            },
-        };
-        self.rule.apply(&mut state, acc, &ctx)?;
-        Ok(state.x)
+    /// The engine's server core from the fixture's model, folding on `executor`.
+    fn core<E: FoldExecutor>(&self, executor: E) -> ServerCore<E> {
+        let state = ServerState::new(self.x0.clone());
+        ServerCore::new(self.rule.clone(), self.config.clone(), state, executor)
     }
 
-    /// One thread folds all N after the last arrival, then applies: (seconds, model).
-    fn single_thread(&self) -> Result<(f64, Vec<f32>)> {
-        let started = Instant::now();
-        let mut acc = self.rule.accumulator(self.x0.len());
-        for i in 0..self.updates {
-            let (u, w) = self.upload(i);
-            self.rule.fold(&mut acc, &[&u[0]], w)?;
-        }
-        let x = self.apply(&acc)?;
-        Ok((started.elapsed().as_secs_f64(), x))
-    }
-
-    /// The runtime with arrivals `gap` apart: (last arrival → new model, leaves, model).
-    fn eager(&self, runtime: &Runtime, gap: Duration) -> Result<(f64, usize, Vec<f32>)> {
-        let mut aggregation = runtime.begin(self.rule.clone(), 1, self.x0.len(), self.updates)?;
+    /// Folds the N updates into `core`, `gap` apart, then aggregates: (first arrival → new
+    /// model, last arrival → new model, model).
+    fn run<E: FoldExecutor>(&self, mut core: ServerCore<E>, gap: Duration) -> Result<(f64, f64, Vec<f32>)> {
         let start = Instant::now();
         for i in 0..self.updates {
             let due = start + gap * i as u32;
@@ -142,13 +128,31 @@ impl Fixture {
                 std::thread::sleep(wait);
             }
             let (u, w) = self.upload(i);
-            aggregation.submit(i as u64, u, w)?;
+            let task = TaskId(i as u64);
+            core.hold(task, Contribution::Upload(u), 0.0);
+            core.fold(task, w, self.updates)?;
         }
         let last = Instant::now();
-        let leaves = aggregation.leaves();
-        let merged = aggregation.finish()?;
-        let x = self.apply(&merged)?;
-        Ok((last.elapsed().as_secs_f64(), leaves, x))
+        core.aggregate(Population {
+            num_clients: self.updates,
+            previous_num_clients: self.updates,
+        })?;
+        let (total, after_last) = (start.elapsed(), last.elapsed());
+        Ok((total.as_secs_f64(), after_last.as_secs_f64(), core.into_state().x))
+    }
+
+    /// One thread folds all N in a burst, then applies (the engine's in-place core): (seconds from
+    /// the first arrival, model) — all of it comes after the last arrival of a burst.
+    fn single_thread(&self) -> Result<(f64, Vec<f32>)> {
+        let (total, _, x) = self.run(self.core(InPlace), Duration::ZERO)?;
+        Ok((total, x))
+    }
+
+    /// The runtime with arrivals `gap` apart: (last arrival → new model, leaves, model).
+    fn eager(&self, runtime: &Runtime, gap: Duration) -> Result<(f64, usize, Vec<f32>)> {
+        let (_, after_last, x) = self.run(self.core(runtime.clone()), gap)?;
+        let leaves = runtime.stats().last.map_or(0, |l| l.leaves);
+        Ok((after_last, leaves, x))
     }
 
     fn memcpy(&self) -> f64 {

@@ -9,12 +9,11 @@
 
 use crate::config::ServerConfig;
 use crate::datadir::DataDir;
-use crate::run::{Contribution, decode_contribution};
-use crate::store::Store;
+use crate::store::{KeptUpdate, Store};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
-use shoal_aggregators::ApplyContext;
 use shoal_core::ModelVersion as Version;
+use shoal_engine::{InPlace, Population, ServerCore, decode_contribution};
 
 /// What an audit found.
 #[derive(Debug, Clone, Serialize)]
@@ -75,24 +74,20 @@ pub fn audit(
     let own = [top.clone()];
     let sources = if sources.is_empty() { &own[..] } else { sources };
     let parts = algorithm.server.upload_parts();
-    let fold_kept = |acc: &mut shoal_aggregators::Accumulator,
-                     kept: Vec<(crate::store::KeptUpdate, Vec<u8>)>|
-     -> Result<()> {
+    // The engine's server core, folding in place: what fl-server's runtime computes on its workers.
+    let core = |state| ServerCore::new(algorithm.server.clone(), config.algorithm.clone(), state, InPlace);
+    let fold_kept = |core: &mut ServerCore<InPlace>, kept: Vec<(KeptUpdate, Vec<u8>)>| -> Result<()> {
         for (update, bytes) in kept {
             let partial = shoal_compression::partial::is_partial(&bytes);
-            match decode_contribution(&bytes, &update.part_bytes, &layout, parts, partial)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", update.file))?
-            {
-                Contribution::Upload(upload) => {
-                    let views: Vec<&[f32]> = upload.iter().map(Vec::as_slice).collect();
-                    algorithm.server.fold(acc, &views, update.weight)?;
-                }
-                Contribution::Partial(sums) => acc.merge(&sums)?,
-            }
+            let contribution = decode_contribution(&bytes, &update.part_bytes, &layout, parts, partial)
+                .with_context(|| update.file.clone())?;
+            let task = update.meta.task;
+            core.hold(task, contribution, update.meta.loss);
+            core.fold(task, update.weight, 0)?;
         }
         Ok(())
     };
-    let mut acc = algorithm.server.accumulator(layout.len());
+    let mut flat = core(before);
     for dir in sources {
         let source_config = ServerConfig::load(&dir.config())?;
         let source = if dir.root() == top.root() {
@@ -113,13 +108,15 @@ pub fn audit(
                     dir.root().display()
                 )
             })?;
-        fold_kept(&mut acc, kept)?;
+        fold_kept(&mut flat, kept)?;
     }
+    let acc = flat.merge()?;
     // The top's own sums: the partials it merged, when it kept them.
     let sums_max_rel_diff = match (sources[0].root() == top.root(), store.kept_updates(version)) {
         (false, Ok(kept)) => {
-            let mut merged = algorithm.server.accumulator(layout.len());
-            fold_kept(&mut merged, kept)?;
+            let mut top_core = core(committed.clone());
+            fold_kept(&mut top_core, kept)?;
+            let merged = top_core.merge()?;
             let mut worst =
                 ((merged.total_weight() - acc.total_weight()) / acc.total_weight().max(1e-300)).abs();
             for part in 0..parts {
@@ -136,13 +133,16 @@ pub fn audit(
         }
         _ => None,
     };
-    let mut state = before;
-    let ctx = ApplyContext {
-        num_clients: 0,
-        previous_num_clients: 0,
-        task: config.algorithm.local_task(config.algorithm.local_steps),
-    };
-    algorithm.server.apply(&mut state, &acc, &ctx)?;
+    // The model does not depend on the population `N` (only the control variates do), and the
+    // model is what the audit compares.
+    flat.apply(
+        &acc,
+        Population {
+            num_clients: 1,
+            previous_num_clients: 1,
+        },
+    )?;
+    let state = flat.state();
     let scale = committed.x.iter().fold(0.0f64, |m, v| m.max(f64::from(v.abs())));
     let max_abs_diff = state
         .x

@@ -8,11 +8,14 @@
 use crate::datadir::{self, DataDir};
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
-use shoal_aggregators::RuleConfig;
+use shoal_aggregators::{AlgorithmConfig, ServerState};
 use shoal_compression::{CodecCompressor, CodecSpec};
+use shoal_core::TaskId;
+use shoal_engine::{Contribution, InPlace, ServerCore};
 use shoal_model::data::DatasetName;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What to measure.
@@ -212,27 +215,38 @@ fn wait_for_file(path: &Path, server: &mut Child) -> Result<String> {
 
 /// One round's server compute without any networking: decode `clients` encoded updates of the
 /// model and fold them (FedAvg), on one thread. Returns the parameter count and seconds per round.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the benchmark's fixture: one encoded update, decoded and folded as a connection would"
+)]
 fn baseline_decode_fold(model: &str, codec: &str, clients: usize) -> Result<(usize, f64)> {
     let (shape, classes) = DatasetName::Mnist.shape(&Default::default());
     let model = shoal_model::zoo::build(model, &shape, classes)?;
     let layout = model.layout().clone();
     let spec: CodecSpec = codec.parse()?;
-    let rule = RuleConfig::FedAvg { server_lr: 1.0 }.build()?;
+    let config: AlgorithmConfig =
+        toml::from_str("local_steps = 1\nlocal_lr = 0.1\n[rule]\nrule = \"fedavg\"")?;
+    let rule = config.rule.build()?.server;
     let x = model.init_params(1);
     let update: Vec<f32> = x.as_slice().iter().map(|v| v * 0.01).collect();
     let mut encoder = CodecCompressor::new(spec, layout.clone(), 1);
     let payload = encoder.encode(&update)?;
     let part = [payload.len() as u64];
-    let mut acc = rule.server.accumulator(layout.len());
     let repeats = 3;
+    // The states are made before the clock starts: only decoding and folding are timed.
+    let states: Vec<ServerState> = (0..repeats)
+        .map(|_| ServerState::new(x.as_slice().to_vec()))
+        .collect();
     let start = Instant::now();
-    for _ in 0..repeats {
-        acc.reset();
-        for _ in 0..clients {
+    for state in states {
+        let mut core = ServerCore::new(rule.clone(), config.clone(), state, InPlace);
+        for i in 0..clients {
+            let task = TaskId(i as u64);
             let parts = shoal_engine::decode_upload(&payload, &part, &layout)?;
-            let views: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
-            rule.server.fold(&mut acc, &views, 1.0)?;
+            core.hold(task, Contribution::Upload(Arc::from(parts)), 0.0);
+            core.fold(task, 1.0, clients)?;
         }
+        core.merge()?;
     }
     Ok((layout.len(), start.elapsed().as_secs_f64() / f64::from(repeats)))
 }

@@ -13,15 +13,13 @@ use crate::admin::{AdminQuery, AdminService, proto};
 use crate::config::ServerConfig;
 use crate::datadir::DataDir;
 use crate::files;
-use crate::run::{
-    Contribution, Offer, Outgoing, ProcessFigures, ReceivedUpdate, Run, RunSummary, SharedBroadcast,
-    decode_contribution,
-};
+use crate::run::{Offer, Outgoing, ProcessFigures, ReceivedUpdate, Run, RunSummary, SharedBroadcast};
 use crate::split::{Serving, SplitRun, Taken};
 use crate::store::Store;
 use anyhow::{Context, Result};
 use shoal_aggregators::Event;
 use shoal_core::{ClientId, Layout, ModelVersion, TaskId, UpdateMeta};
+use shoal_engine::{Contribution, decode_contribution};
 use shoal_net::endpoint::{Timeouts, server_endpoint};
 use shoal_net::protocol::{
     ClientMessage, ErrorCode, Limits, PROTOCOL_VERSION, RunDescription, ServerMessage, StreamHeader,
@@ -1084,7 +1082,8 @@ impl Session {
         let (parts, partial) = (shared.upload_parts, self.leaf);
         let prepared = tokio::task::spawn_blocking(move || match split {
             None => {
-                let contribution = decode_contribution(&body, &part_bytes, &layout, parts, partial)?;
+                let contribution = decode_contribution(&body, &part_bytes, &layout, parts, partial)
+                    .map_err(|e| e.to_string())?;
                 files::write_atomic(&path, &[&body]).map_err(|e| format!("storing: {e}"))?;
                 Ok::<_, String>((part_bytes, files::content_hash(&[&body]), contribution))
             }

@@ -8,21 +8,20 @@
 //! no committed version holds are folded again from their files; nothing is folded twice.
 
 use crate::config::{FederationConfig, ServerConfig};
-use crate::runtime::{Aggregation, Runtime, RuntimeStats, SharedUpload};
+use crate::runtime::{Runtime, RuntimeStats};
 use crate::split::SplitRun;
 use crate::store::{PendingUpdate, Store, StoreError};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
-use shoal_aggregators::{
-    Accumulator, Algorithm, Broadcast, Command, Coordinator, CoordinatorError, Event, ServerState, TaskRecord,
-};
+use shoal_aggregators::{Accumulator, Broadcast, Command, Coordinator, CoordinatorError, Event, TaskRecord};
 use shoal_core::{ClientId, Layout, ModelVersion, TaskId, Timestamp, UpdateMeta};
 use shoal_engine::metrics::{FoldWindow, RunTotals, VersionRecord};
+use shoal_engine::{Contribution, Population, ServerCore, decode_contribution};
 use shoal_model::Model;
 use shoal_model::data::{Dataset, resolve_data_root};
 use shoal_model::train::evaluate;
 use shoal_net::protocol::{BroadcastVector, RunDescription};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -134,48 +133,6 @@ pub struct ReceivedUpdate {
     pub contribution: Contribution,
 }
 
-/// What an accepted update contributes to an aggregation.
-#[derive(Debug)]
-pub enum Contribution {
-    /// A client's decoded upload, folded with the scheduler's weight.
-    Upload(SharedUpload),
-    /// A leaf fl-server's partial aggregate, merged as it is: its sums already carry its clients'
-    /// weights (the scheduler's weight for the leaf is not applied).
-    Partial(Accumulator),
-}
-
-/// Decodes what an update file holds: a leaf's partial aggregate when `partial`, else a client's
-/// payloads (see [`shoal_engine::decode_upload`]).
-pub fn decode_contribution(
-    bytes: &[u8],
-    part_bytes: &[u64],
-    layout: &Layout,
-    parts: usize,
-    partial: bool,
-) -> Result<Contribution, String> {
-    if !partial {
-        return Ok(Contribution::Upload(Arc::from(
-            shoal_engine::decode_upload(bytes, part_bytes, layout).map_err(|e| e.to_string())?,
-        )));
-    }
-    if part_bytes.len() != 1 {
-        return Err(format!(
-            "a partial aggregate comes in one part, not {}",
-            part_bytes.len()
-        ));
-    }
-    let sums = shoal_compression::partial::decode_partial(
-        bytes,
-        layout,
-        parts,
-        shoal_compression::partial::partial_bytes_bound(parts, layout.len()),
-    )
-    .map_err(|e| e.to_string())?;
-    Accumulator::from_sums(sums.sums, sums.total_weight, sums.count)
-        .map(Contribution::Partial)
-        .map_err(|e| e.to_string())
-}
-
 /// A partial aggregate a leaf owes the top: the sums of its round on the top's version `base`.
 #[derive(Debug, Clone)]
 pub struct OwedPartial {
@@ -259,22 +216,14 @@ pub struct ProcessFigures {
 pub struct Run {
     config: ServerConfig,
     model: Arc<Model>,
-    algorithm: Algorithm,
     coordinator: Coordinator,
-    state: ServerState,
-    /// The aggregation runtime, and the aggregation in progress (opened by its first fold).
-    runtime: Runtime,
-    aggregation: Option<Aggregation>,
-    /// Updates in the last aggregation (the next one's expected count).
-    last_updates: usize,
+    /// The engine's server core: the rule's state and the aggregation in progress, folding on the
+    /// serverless runtime.
+    core: ServerCore<Runtime>,
     /// A leaf: client updates in the round whose version it waits for.
     last_round_updates: usize,
     broadcast: SharedBroadcast,
     store: Store,
-    /// Decoded updates waiting for their fold or discard.
-    held: HashMap<TaskId, Contribution>,
-    /// Tasks folded into the aggregation in progress, with their weights.
-    folded: Vec<(TaskId, f64)>,
     /// Every task whose update was acknowledged (resends are acknowledged again, never re-folded).
     accepted: HashSet<TaskId>,
     committed: ModelVersion,
@@ -293,8 +242,6 @@ pub struct Run {
     best_accuracy: Option<f64>,
     /// The updates folded since the last record (every committed version is one).
     window: FoldWindow,
-    /// The loss each held update's client reported with it.
-    held_losses: HashMap<TaskId, f32>,
     finished: bool,
     /// Versions committed since the last [`Run::take_committed`] (for the admin metrics stream).
     committed_metrics: Vec<VersionMetrics>,
@@ -385,22 +332,18 @@ impl Run {
         let finished = store.is_finished()?;
         let run_id = store.run_id()?;
         let leaf = matches!(config.federation, Some(FederationConfig::Leaf { .. })).then(LeafLink::default);
+        let runtime = Runtime::new(config.runtime.clone()).map_err(|e| anyhow::anyhow!("[runtime]: {e}"))?;
+        let core = ServerCore::new(algorithm.server, config.algorithm.clone(), state, runtime);
         let mut run = Self {
-            runtime: Runtime::new(config.runtime.clone()).map_err(|e| anyhow::anyhow!("[runtime]: {e}"))?,
-            aggregation: None,
-            last_updates: 0,
+            core,
             last_round_updates: 0,
             metrics_path: run_dir.join("metrics.jsonl"),
             summary_path: run_dir.join("summary.json"),
             config,
             model,
-            algorithm,
             coordinator,
-            state,
             broadcast,
             store,
-            held: HashMap::new(),
-            folded: Vec::new(),
             accepted: HashSet::new(),
             committed,
             run_id,
@@ -414,7 +357,6 @@ impl Run {
             last_accuracy: None,
             best_accuracy: None,
             window: FoldWindow::default(),
-            held_losses: HashMap::new(),
             finished,
             committed_metrics: Vec::new(),
             split,
@@ -526,7 +468,7 @@ impl Run {
 
     /// The current global vector (a split run's: head and tail).
     pub fn global_model(&self) -> Arc<[f32]> {
-        Arc::from(self.state.x.as_slice())
+        Arc::from(self.core.state().x.as_slice())
     }
 
     /// The state directory (update files are written there by connections).
@@ -658,8 +600,7 @@ impl Run {
         if let Some(leaf) = &mut self.leaf {
             leaf.losses.push(meta.loss);
         }
-        self.held.insert(task, contribution);
-        self.held_losses.insert(task, meta.loss);
+        self.core.hold(task, contribution, meta.loss);
         let commands = self.coordinator.handle(now, Event::UpdateArrived(meta))?;
         Ok(Offer::Accepted(self.carry_out(commands, false)?))
     }
@@ -692,23 +633,27 @@ impl Run {
                     ..
                 } => self.fold(task, weight, staleness)?,
                 Command::Discard { task, .. } => {
-                    self.held.remove(&task);
-                    self.held_losses.remove(&task);
+                    self.core.discard(task);
                     self.store.discard_update(task)?;
                 }
                 Command::Aggregate {
                     version,
-                    updates,
                     num_clients,
                     previous_num_clients,
+                    ..
                 } => {
                     if version <= self.committed {
                         // Replaying an aggregation that is already committed: its folds were skipped.
-                        self.aggregation = None;
-                        self.folded.clear();
+                        self.core.abandon();
                         continue;
                     }
-                    self.aggregate(version, updates, (num_clients, previous_num_clients))?;
+                    self.aggregate(
+                        version,
+                        Population {
+                            num_clients,
+                            previous_num_clients,
+                        },
+                    )?;
                     if self.should_stop(version) {
                         self.finish()?;
                         out.push(Outgoing::Finished);
@@ -736,42 +681,32 @@ impl Run {
     /// it. The first fold of an aggregation opens it, planned for as many updates as the last one
     /// had or as there are tasks running.
     fn fold(&mut self, task: TaskId, weight: f64, staleness: u64) -> Result<()> {
-        let contribution = match self.held.remove(&task) {
-            Some(contribution) => {
-                let loss = self.held_losses.remove(&task).unwrap_or(f32::NAN);
-                self.window.fold(staleness, loss);
-                contribution
-            }
-            None => match self.store.pending_update(task)? {
-                Some(pending) => {
-                    self.window.fold(staleness, pending.meta.loss);
-                    let bytes = self.store.read_update(&pending)?;
-                    let partial = self.is_top() && shoal_compression::partial::is_partial(&bytes);
-                    decode_contribution(
-                        &bytes,
-                        &pending.part_bytes,
-                        &self.layout(),
-                        self.algorithm.server.upload_parts(),
-                        partial,
-                    )
-                    .map_err(|e| anyhow::anyhow!("stored update {task}: {e}"))?
-                }
-                None => return Ok(()),
-            },
-        };
-        let aggregation = self.aggregation()?;
-        match contribution {
-            Contribution::Upload(parts) => aggregation.submit(task.0, parts, weight),
-            Contribution::Partial(sums) => aggregation.absorb(task.0, sums),
+        if !self.core.holds(task) {
+            let Some(pending) = self.store.pending_update(task)? else {
+                return Ok(());
+            };
+            let bytes = self.store.read_update(&pending)?;
+            let partial = self.is_top() && shoal_compression::partial::is_partial(&bytes);
+            let contribution = decode_contribution(
+                &bytes,
+                &pending.part_bytes,
+                &self.layout(),
+                self.core.upload_parts(),
+                partial,
+            )
+            .with_context(|| format!("stored update {task}"))?;
+            self.core.hold(task, contribution, pending.meta.loss);
         }
-        .with_context(|| format!("folding {task}"))?;
-        self.folded.push((task, weight));
+        let running = self.coordinator.running_tasks().count();
+        if let Some(loss) = self.core.fold(task, weight, running)? {
+            self.window.fold(staleness, loss);
+        }
         Ok(())
     }
 
     /// Vectors per upload of the rule.
     pub fn upload_parts(&self) -> usize {
-        self.algorithm.server.upload_parts()
+        self.core.upload_parts()
     }
 
     /// Whether this server is the top of a federation (its leaves upload partial aggregates).
@@ -784,42 +719,19 @@ impl Run {
         matches!(&self.config.federation, Some(FederationConfig::Top { leaves }) if leaves.iter().any(|l| l == name))
     }
 
-    /// The aggregation in progress, opened now if this is its first update.
-    fn aggregation(&mut self) -> Result<&mut Aggregation> {
-        if self.aggregation.is_none() {
-            let expected = self.last_updates.max(self.coordinator.running_tasks().count());
-            let opened = self.runtime.begin(
-                self.algorithm.server.clone(),
-                self.algorithm.server.upload_parts(),
-                self.layout().len(),
-                expected,
-            )?;
-            tracing::debug!(leaves = opened.leaves(), expected, "aggregation opened");
-            self.aggregation = Some(opened);
-        }
-        self.aggregation
-            .as_mut()
-            .ok_or_else(|| anyhow::anyhow!("the aggregation was just opened"))
-    }
-
     /// Finishes the aggregation of `version`; `population` is `N` now and at the aggregation before.
-    fn aggregate(&mut self, version: ModelVersion, updates: usize, population: (usize, usize)) -> Result<()> {
-        let ctx = shoal_engine::apply_context(&self.config.algorithm, population.0, population.1);
-        self.aggregation()?;
+    fn aggregate(&mut self, version: ModelVersion, population: Population) -> Result<()> {
         let merged = self
-            .aggregation
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("no aggregation to finish"))?
-            .finish()
+            .core
+            .merge()
             .with_context(|| format!("aggregating {version}"))?;
-        let updates = usize::try_from(merged.count()).unwrap_or(updates);
+        let updates = usize::try_from(merged.count()).unwrap_or(usize::MAX);
         if self.leaf.is_some() {
             self.last_round_updates = updates;
             return self.owe_partial(version, &merged);
         }
-        self.algorithm
-            .server
-            .apply(&mut self.state, &merged, &ctx)
+        self.core
+            .apply(&merged, population)
             .with_context(|| format!("applying {version}"))?;
         drop(merged);
         self.commit(version, updates)
@@ -827,14 +739,13 @@ impl Run {
 
     /// Commits the state as `version` with the updates folded into it, and records it.
     fn commit(&mut self, version: ModelVersion, updates: usize) -> Result<()> {
-        self.last_updates = updates;
         if let Some(split) = &self.split {
-            split.write_shared_tail(&mut self.state.x);
-            split.adopt(&self.state.x, false);
+            split.write_shared_tail(self.core.model_mut());
+            split.adopt(&self.core.state().x, false);
             let coordinator = &self.coordinator;
             split.retain(|task| coordinator.running_task(task).is_some());
         }
-        let folded = std::mem::take(&mut self.folded);
+        let folded = self.core.take_folded();
         if self.config.storage.keep_updates {
             self.store
                 .keep_folded(version, &folded)
@@ -843,12 +754,12 @@ impl Run {
         let tasks: Vec<TaskId> = folded.into_iter().map(|(task, _)| task).collect();
         self.updates_folded += tasks.len() as u64;
         self.store
-            .commit_version(version, &self.state, self.now(), tasks)
+            .commit_version(version, self.core.state(), self.now(), tasks)
             .with_context(|| format!("committing {version}"))?;
         self.committed = version;
         self.store.prune_versions(self.config.storage.keep_versions)?;
         let head = self.split.as_ref().map(|s| s.head_dim());
-        self.broadcast = SharedBroadcast::new(version, &self.state.broadcast(), head);
+        self.broadcast = SharedBroadcast::new(version, &self.core.broadcast(), head);
         self.record_version(version, updates)
     }
 
@@ -919,16 +830,16 @@ impl Run {
                 leaf.owed = None;
                 leaf.top_task = Some((task, version));
                 let updates = self.last_round_updates;
-                self.state.x = x;
+                self.core.set_model(x);
                 self.commit(version, updates)
             }
             None if version == committed => {
                 leaf.top_task = Some((task, version));
-                if self.state.x != x {
+                if self.core.state().x != x {
                     tracing::info!(%version, "adopting the top's model");
-                    self.state.x = x;
+                    self.core.set_model(x);
                     let head = self.split.as_ref().map(|s| s.head_dim());
-                    self.broadcast = SharedBroadcast::new(version, &self.state.broadcast(), head);
+                    self.broadcast = SharedBroadcast::new(version, &self.core.broadcast(), head);
                 }
                 Ok(())
             }
@@ -947,7 +858,7 @@ impl Run {
         let last_round = self.leaf.as_ref().is_some_and(|l| l.awaiting == Some(version));
         if last_round && self.config.storage.keep_updates {
             self.store
-                .keep_folded(version, &self.folded)
+                .keep_folded(version, self.core.folded())
                 .with_context(|| format!("keeping the updates of {version}"))?;
         }
         if !self.finished {
@@ -973,7 +884,7 @@ impl Run {
 
     /// The aggregation runtime's figures.
     pub fn runtime_stats(&self) -> RuntimeStats {
-        self.runtime.stats()
+        self.core.executor().stats()
     }
 
     fn due_for_eval(&self, version: ModelVersion) -> bool {
@@ -985,10 +896,10 @@ impl Run {
         let evaluation = match &self.eval {
             Some(test) if self.due_for_eval(version) => Some(
                 match &self.split {
-                    Some(split) => split.evaluate(&self.state.x, test, self.config.eval.batch_size),
+                    Some(split) => split.evaluate(&self.core.state().x, test, self.config.eval.batch_size),
                     None => Ok(evaluate(
                         &self.model,
-                        &self.state.x,
+                        &self.core.state().x,
                         test,
                         self.config.eval.batch_size,
                     )?),
@@ -1022,7 +933,7 @@ impl Run {
                 staleness_mean: folded.staleness_mean,
                 staleness_max: folded.staleness_max,
             },
-            runtime: self.runtime.stats(),
+            runtime: self.core.executor().stats(),
         };
         tracing::info!(
             version = version.0,
@@ -1087,7 +998,7 @@ impl Run {
                 wall_time_s: self.clock_start.elapsed().as_secs_f64(),
             },
             split: self.split.as_ref().map(|s| s.traffic()),
-            runtime: self.runtime.stats(),
+            runtime: self.core.executor().stats(),
             process: None,
         }
     }

@@ -20,19 +20,22 @@
 //!   did not foresee.
 //!
 //! The runtime knows nothing of the method: it folds with the rule's `fold`, so every rule of
-//! Shoal runs on it unchanged.
+//! Shoal runs on it unchanged. It is the engine's [`FoldExecutor`] for fl-server: the engine's
+//! server core decides what is folded with which weight and applies the merged sums; the runtime
+//! decides only on which threads the folds run.
 
 use serde::{Deserialize, Serialize};
 use shoal_aggregators::hierarchy::{CostModel, Demand, PlanLimits, TreePlan, plan};
 use shoal_aggregators::{Accumulator, FoldError, RuleError, ServerRule};
+use shoal_core::TaskId;
+use shoal_engine::{ExecutorError, FoldExecutor, OpenFolds};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
-/// One decoded upload (its vectors), shared by reference between the stages that read it.
-pub type SharedUpload = Arc<[Vec<f32>]>;
+pub use shoal_engine::SharedUpload;
 
 /// When a leaf folds what it is sent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -367,6 +370,10 @@ struct Node {
 }
 
 impl Node {
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a leaf is the engine's fold executor: it runs the rule's fold on its worker thread"
+    )]
     fn fold(&mut self, shared: &Shared, tag: u64, upload: &[Vec<f32>], weight: f64) {
         let started = Instant::now();
         let views: Vec<&[f32]> = upload.iter().map(Vec::as_slice).collect();
@@ -922,6 +929,34 @@ impl Aggregation {
             Some(e) => Err(e),
             None => Ok(merged),
         }
+    }
+}
+
+impl FoldExecutor for Runtime {
+    type Open = Aggregation;
+    fn open(
+        &mut self,
+        rule: &Arc<dyn ServerRule>,
+        parts: usize,
+        dim: usize,
+        expected: usize,
+    ) -> Result<Aggregation, ExecutorError> {
+        let opened = self.begin(rule.clone(), parts, dim, expected)?;
+        tracing::debug!(leaves = opened.leaves(), expected, "aggregation opened");
+        Ok(opened)
+    }
+}
+
+impl OpenFolds for Aggregation {
+    type Merged = Merged;
+    fn submit(&mut self, task: TaskId, upload: SharedUpload, weight: f64) -> Result<(), ExecutorError> {
+        Ok(Aggregation::submit(self, task.0, upload, weight)?)
+    }
+    fn absorb(&mut self, task: TaskId, sums: Accumulator) -> Result<(), ExecutorError> {
+        Ok(Aggregation::absorb(self, task.0, sums)?)
+    }
+    fn finish(self) -> Result<Merged, ExecutorError> {
+        Ok(Aggregation::finish(self)?)
     }
 }
 

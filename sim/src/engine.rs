@@ -66,6 +66,12 @@ pub enum SimError {
     /// A device's task failed (its rule, or encoding its upload).
     #[error("device: {0}")]
     Device(#[from] shoal_engine::DeviceError),
+    /// An upload does not decode as the server would decode it.
+    #[error("upload: {0}")]
+    Upload(#[from] shoal_engine::UploadError),
+    /// The server core could not carry out a decision (fold, merge, apply).
+    #[error("server: {0}")]
+    Core(#[from] shoal_engine::CoreError),
     /// A task the workload does not know.
     #[error("the workload has no {0}")]
     UnknownTask(TaskId),
@@ -248,8 +254,8 @@ pub struct Engine<W> {
     registered: Vec<bool>,
     stats: EngineStats,
     ready: VecDeque<Aggregated>,
-    fold_staleness: Vec<u64>,
-    fold_losses: Vec<f64>,
+    /// What was folded since the last aggregation.
+    window: shoal_engine::metrics::FoldWindow,
     losses: HashMap<TaskId, f32>,
     split: Option<SplitServing>,
     split_server: SplitServer,
@@ -278,8 +284,7 @@ impl<W: Workload> Engine<W> {
             registered: vec![false; n],
             stats: EngineStats::default(),
             ready: VecDeque::new(),
-            fold_staleness: Vec::new(),
-            fold_losses: Vec::new(),
+            window: Default::default(),
             losses: HashMap::new(),
             split,
             split_server: SplitServer::default(),
@@ -666,10 +671,9 @@ impl<W: Workload> Engine<W> {
                     timeline.arrive(self.now.as_secs_f64());
                 }
                 self.stats.folds += 1;
-                self.fold_staleness.push(staleness);
-                if let Some(loss) = self.losses.remove(&task) {
-                    self.fold_losses.push(f64::from(loss));
-                }
+                // Every folded task was uploaded, which recorded its loss.
+                let loss = self.losses.remove(&task).unwrap_or(f32::NAN);
+                self.window.fold(staleness, loss);
             }
             Command::Discard { task, .. } => {
                 self.workload.forget(task);
@@ -691,18 +695,16 @@ impl<W: Workload> Engine<W> {
                     None => self.now,
                 };
                 self.model_ready = ready;
-                let n = self.fold_staleness.len().max(1) as f64;
-                let losses = self.fold_losses.len().max(1) as f64;
+                let folded = self.window.take();
                 self.ready.push_back(Aggregated {
                     version,
                     time: ready,
                     updates,
-                    staleness_mean: self.fold_staleness.iter().sum::<u64>() as f64 / n,
-                    staleness_max: self.fold_staleness.iter().copied().max().unwrap_or(0),
-                    client_loss: self.fold_losses.iter().sum::<f64>() / losses,
+                    staleness_mean: folded.staleness_mean,
+                    staleness_max: folded.staleness_max,
+                    // No updates, no loss: a window of none adds nothing to a record.
+                    client_loss: folded.client_loss.unwrap_or(0.0),
                 });
-                self.fold_staleness.clear();
-                self.fold_losses.clear();
             }
             Command::WakeAt(at) => self.push(at, Happening::Wake),
             Command::Cancel { task, .. } => {

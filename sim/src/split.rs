@@ -13,7 +13,7 @@ use crate::engine::{Finished, SimError, SplitServing, SplitSteps, Workload};
 use crate::server::ServerModel;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use shoal_compression::{CodecCompressor, CodecSpec, DecodeLimits};
+use shoal_compression::CodecSpec;
 use shoal_core::{Params, TaskId};
 use shoal_model::Model;
 use shoal_model::data::{Dataset, DatasetName};
@@ -218,14 +218,12 @@ impl Context {
             started.local_steps,
             self.config.pipeline,
         )?;
-        let delta = head.delta();
-        let layout = self.split.head.layout().clone();
-        let mut codec = CodecCompressor::new(self.codec.clone(), layout.clone(), seed);
-        let payload = codec.encode(&delta)?;
-        let limits = DecodeLimits::for_dim(layout.len());
-        let (decoded, _) = shoal_compression::decode(&payload, &layout, &limits)?;
+        let payload = head.encode_update(&self.codec, seed)?;
+        let layout = self.split.head.layout();
+        // One part announced, so one part decoded.
+        let mut decoded = shoal_engine::decode_upload(&payload, &[payload.len() as u64], layout)?;
         Ok(Computed {
-            head_delta: decoded,
+            head_delta: decoded.swap_remove(0),
             session: own,
             trace,
             upload_bytes: payload.len() as u64,

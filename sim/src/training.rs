@@ -12,11 +12,11 @@
 
 use crate::engine::{Finished, SimError, Workload};
 use rayon::prelude::*;
-use shoal_aggregators::{Accumulator, Algorithm, AlgorithmConfig, Broadcast, ServerState};
+use shoal_aggregators::{Algorithm, AlgorithmConfig, Broadcast, ServerState};
+use shoal_compression::CodecSpec;
 use shoal_compression::feedback::Feedback;
-use shoal_compression::{CodecCompressor, CodecSpec};
 use shoal_core::{Layout, TaskId};
-use shoal_engine::{DeviceState, DeviceTask, apply_context, run_task};
+use shoal_engine::{Contribution, DeviceState, DeviceTask, InPlace, Population, ServerCore, run_task};
 use shoal_model::data::Dataset;
 use shoal_model::train::{Evaluation, evaluate};
 use shoal_model::{Model, ModelOracle};
@@ -89,19 +89,13 @@ impl Shared {
 /// Real federated training of a model on partitioned data.
 pub struct TrainingWorkload {
     shared: Shared,
-    state: ServerState,
-    accumulator: Accumulator,
+    /// The server side: the rule's state and the aggregation in progress.
+    core: ServerCore<InPlace>,
     clients: Vec<DeviceState>,
     broadcast: Broadcast,
     download_bytes: u64,
     started: BTreeMap<TaskId, Started>,
     computed: HashMap<TaskId, Computed>,
-}
-
-/// Bytes of a broadcast: every vector it carries, as f32.
-fn broadcast_bytes(b: &Broadcast) -> u64 {
-    let vectors = 1 + [&b.c, &b.g, &b.x_prev].iter().filter(|v| v.is_some()).count();
-    (vectors * b.x.len() * 4) as u64
 }
 
 /// What a training run is made of.
@@ -129,15 +123,14 @@ impl TrainingWorkload {
     pub fn new(setup: TrainingSetup) -> Result<Self, SimError> {
         let (algorithm, _) = setup.config.build(setup.seed)?;
         let x0 = setup.model.init_params(setup.seed).as_slice().to_vec();
-        let dim = x0.len();
         let state = algorithm.server.init_state(x0);
-        let broadcast = state.broadcast();
+        let core = ServerCore::new(algorithm.server.clone(), setup.config.clone(), state, InPlace);
+        let broadcast = core.broadcast();
         let clients = vec![DeviceState::default(); setup.partition.len()];
         Ok(Self {
-            accumulator: algorithm.server.accumulator(dim),
-            download_bytes: broadcast_bytes(&broadcast),
+            download_bytes: broadcast.bytes(),
             broadcast,
-            state,
+            core,
             clients,
             shared: Shared {
                 layout: setup.model.layout().clone(),
@@ -157,7 +150,7 @@ impl TrainingWorkload {
 
     /// The global model.
     pub fn model_params(&self) -> &[f32] {
-        &self.state.x
+        &self.core.state().x
     }
 
     /// The network.
@@ -167,7 +160,7 @@ impl TrainingWorkload {
 
     /// The server rule's state: the model and the global vectors the rule keeps.
     pub fn server_state(&self) -> &ServerState {
-        &self.state
+        self.core.state()
     }
 
     /// The network, shared.
@@ -177,7 +170,12 @@ impl TrainingWorkload {
 
     /// Accuracy and loss of the global model on `data`.
     pub fn evaluate(&self, data: &Dataset, batch_size: usize) -> Result<Evaluation, SimError> {
-        Ok(evaluate(&self.shared.model, &self.state.x, data, batch_size)?)
+        Ok(evaluate(
+            &self.shared.model,
+            &self.core.state().x,
+            data,
+            batch_size,
+        )?)
     }
 
     /// Computes every started task, in parallel.
@@ -233,35 +231,34 @@ impl Workload for TrainingWorkload {
     }
 
     fn delivered(&mut self, task: TaskId) -> Result<(), SimError> {
-        let done = self.computed.get_mut(&task).ok_or(SimError::UnknownTask(task))?;
-        self.clients[done.client] = std::mem::take(&mut done.state);
+        let done = self.computed.remove(&task).ok_or(SimError::UnknownTask(task))?;
+        self.clients[done.client] = done.state;
+        self.core
+            .hold(task, Contribution::Upload(Arc::from(done.parts)), done.loss);
         Ok(())
     }
 
     fn forget(&mut self, task: TaskId) {
         self.started.remove(&task);
         self.computed.remove(&task);
+        self.core.discard(task);
     }
 
     fn fold(&mut self, task: TaskId, weight: f64) -> Result<(), SimError> {
-        let done = self.computed.remove(&task).ok_or(SimError::UnknownTask(task))?;
-        let views: Vec<&[f32]> = done.parts.iter().map(Vec::as_slice).collect();
-        self.shared
-            .algorithm
-            .server
-            .fold(&mut self.accumulator, &views, weight)?;
-        Ok(())
+        match self.core.fold(task, weight, 0)? {
+            Some(_) => Ok(()),
+            None => Err(SimError::UnknownTask(task)),
+        }
     }
 
     fn aggregate(&mut self, num_clients: usize, previous_num_clients: usize) -> Result<(), SimError> {
-        let ctx = apply_context(&self.shared.config, num_clients, previous_num_clients);
-        self.shared
-            .algorithm
-            .server
-            .apply(&mut self.state, &self.accumulator, &ctx)?;
-        self.accumulator.reset();
-        self.broadcast = self.state.broadcast();
-        self.download_bytes = broadcast_bytes(&self.broadcast);
+        self.core.aggregate(Population {
+            num_clients,
+            previous_num_clients,
+        })?;
+        self.core.take_folded();
+        self.broadcast = self.core.broadcast();
+        self.download_bytes = self.broadcast.bytes();
         Ok(())
     }
 }
@@ -280,16 +277,9 @@ impl SystemsWorkload {
     /// Sizes for `layout` under `codec`: the upload is a real encoding of a Gaussian vector with the
     /// model's layout (what a dense update looks like to a codec).
     pub fn for_model(layout: &Arc<Layout>, codec: &CodecSpec, seed: u64) -> Result<Self, SimError> {
-        use rand::SeedableRng;
-        use rand_distr::{Distribution, Normal};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let normal = Normal::new(0.0f32, 0.01).expect("a constant, valid standard deviation");
-        let update: Vec<f32> = (0..layout.len()).map(|_| normal.sample(&mut rng)).collect();
-        let mut codec = CodecCompressor::new(codec.clone(), layout.clone(), seed);
-        let upload_bytes = codec.encode(&update)?.len() as u64;
         Ok(Self {
             download_bytes: (layout.len() * 4) as u64,
-            upload_bytes,
+            upload_bytes: shoal_engine::device::typical_upload_bytes(layout, codec, seed)?,
         })
     }
 }

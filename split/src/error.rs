@@ -2,6 +2,7 @@
 
 use shoal_aggregators::FoldError;
 use shoal_compression::{CodecError, DecodeError};
+use shoal_core::CompressError;
 use shoal_model::ModelError;
 use thiserror::Error;
 
@@ -14,6 +15,9 @@ pub enum SplitError {
     /// A tensor could not be encoded.
     #[error("encoding a cut tensor: {0}")]
     Codec(#[from] CodecError),
+    /// The head update could not be encoded with the upload codec.
+    #[error("encoding the head update: {0}")]
+    Upload(#[from] CompressError),
     /// A peer's cut message was refused.
     #[error("decoding a cut message: {0}")]
     Decode(#[from] DecodeError),

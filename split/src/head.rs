@@ -10,6 +10,7 @@
 use crate::error::SplitError;
 use ndarray::{ArrayD, IxDyn};
 use shoal_compression::cut::{CutCodec, CutLimits, decode_cut, encode_cut};
+use shoal_compression::{CodecCompressor, CodecSpec};
 use shoal_model::split::SplitModel;
 use shoal_model::train::{Sgd, SgdConfig};
 use shoal_model::{Model, Workspace};
@@ -81,6 +82,14 @@ impl HeadRunner {
     /// What the head moved since it was created: the update a device uploads for averaging.
     pub fn delta(&self) -> Vec<f32> {
         self.params.iter().zip(&self.start).map(|(p, s)| p - s).collect()
+    }
+
+    /// The head update a device uploads for averaging: [`delta`](Self::delta) encoded with the
+    /// run's upload `codec`, seeded with the task's seed (fl-client sends these bytes; fl-sim
+    /// decodes them as the server would).
+    pub fn encode_update(&self, codec: &CodecSpec, seed: u64) -> Result<Vec<u8>, SplitError> {
+        let mut compressor = CodecCompressor::new(codec.clone(), self.head().layout().clone(), seed);
+        Ok(compressor.encode(&self.delta())?)
     }
 
     /// Batches sent whose gradient has not come back.

@@ -1,11 +1,26 @@
-//! The server side's steps: decoding and checking an upload as it arrives (fl-server's
-//! connections, its replay of stored updates, its benchmarks), and the context the server rule
-//! applies an aggregation in (fl-server and fl-sim, once the Coordinator commands it).
+//! What an upload contributes and how its bytes become it: a client's payloads decoded and
+//! checked as they arrive (fl-server's connections, its replay of stored updates, its audit and
+//! benchmarks), or a leaf fl-server's partial aggregate.
 
-use shoal_aggregators::{AlgorithmConfig, ApplyContext};
+use shoal_aggregators::Accumulator;
 use shoal_compression::{DecodeError, DecodeLimits};
 use shoal_core::Layout;
+use std::sync::Arc;
 use thiserror::Error;
+
+/// A decoded upload, one vector per part, shared without copies between the connection that
+/// decoded it, the store and the fold that consumes it.
+pub type SharedUpload = Arc<[Vec<f32>]>;
+
+/// What an accepted update contributes to an aggregation.
+#[derive(Debug)]
+pub enum Contribution {
+    /// A client's decoded upload, folded with the scheduler's weight.
+    Upload(SharedUpload),
+    /// A leaf fl-server's partial aggregate, merged as it is: its sums already carry its clients'
+    /// weights (the scheduler's weight for the leaf is not applied).
+    Partial(Accumulator),
+}
 
 /// Why an upload is refused.
 #[derive(Debug, Error, Clone, PartialEq)]
@@ -26,6 +41,9 @@ pub enum UploadError {
         /// Why.
         source: DecodeError,
     },
+    /// A partial aggregate does not decode, or does not make an accumulator.
+    #[error("partial aggregate: {0}")]
+    Partial(String),
     /// A decoded value is NaN or infinite.
     #[error("part {part}: value {index} is not finite")]
     NotFinite {
@@ -68,19 +86,36 @@ pub fn decode_upload(
     Ok(parts)
 }
 
-/// The context of the server rule's `apply` for a [`Command::Aggregate`](shoal_aggregators::Command)
-/// with population `num_clients` (and `previous_num_clients` at the aggregation before): the
-/// uploads were computed with the configured local task.
-pub fn apply_context(
-    config: &AlgorithmConfig,
-    num_clients: usize,
-    previous_num_clients: usize,
-) -> ApplyContext {
-    ApplyContext {
-        num_clients,
-        previous_num_clients,
-        task: config.local_task(config.local_steps),
+/// Decodes what an update file holds: a leaf's partial aggregate of `parts` vectors when
+/// `partial`, else a client's payloads (see [`decode_upload`]).
+pub fn decode_contribution(
+    bytes: &[u8],
+    part_bytes: &[u64],
+    layout: &Layout,
+    parts: usize,
+    partial: bool,
+) -> Result<Contribution, UploadError> {
+    if !partial {
+        return Ok(Contribution::Upload(Arc::from(decode_upload(
+            bytes, part_bytes, layout,
+        )?)));
     }
+    if part_bytes.len() != 1 {
+        return Err(UploadError::Partial(format!(
+            "it comes in one part, not {}",
+            part_bytes.len()
+        )));
+    }
+    let sums = shoal_compression::partial::decode_partial(
+        bytes,
+        layout,
+        parts,
+        shoal_compression::partial::partial_bytes_bound(parts, layout.len()),
+    )
+    .map_err(|e| UploadError::Partial(e.to_string()))?;
+    Accumulator::from_sums(sums.sums, sums.total_weight, sums.count)
+        .map(Contribution::Partial)
+        .map_err(|e| UploadError::Partial(e.to_string()))
 }
 
 #[cfg(test)]
