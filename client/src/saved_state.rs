@@ -10,7 +10,7 @@
 use crate::trainer::EncodedUpdate;
 use serde::{Deserialize, Serialize};
 use shoal_core::ClientId;
-use shoal_core::durable::{self, DurableError};
+use shoal_core::durable::{self, DurableError, FramedError};
 use shoal_engine::DeviceState;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -73,36 +73,15 @@ impl StateFile {
 
     /// The saved state, or `None` when this device has none for the run.
     pub fn load(&self) -> Result<Option<SavedDevice>, SavedStateError> {
-        let bytes = match std::fs::read(&self.path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(DurableError {
-                    path: self.path.display().to_string(),
-                    source,
-                }
-                .into());
-            }
+        let body =
+            durable::read_framed(&self.path, MAGIC, FORMAT, "a saved device state").map_err(|e| match e {
+                FramedError::Io(e) => SavedStateError::Io(e),
+                FramedError::Damaged { reason, .. } => self.damaged(reason),
+            })?;
+        let Some(body) = body else {
+            return Ok(None);
         };
-        let header = MAGIC.len() + 4;
-        if bytes.len() < header + 8 || &bytes[..MAGIC.len()] != MAGIC {
-            return Err(self.damaged("not a saved device state"));
-        }
-        let mut format = [0u8; 4];
-        format.copy_from_slice(&bytes[MAGIC.len()..header]);
-        if u32::from_le_bytes(format) != FORMAT {
-            return Err(self.damaged(format!(
-                "format {} is not this fl-client's ({FORMAT})",
-                u32::from_le_bytes(format)
-            )));
-        }
-        let (body, tail) = bytes[header..].split_at(bytes.len() - header - 8);
-        let mut hash = [0u8; 8];
-        hash.copy_from_slice(tail);
-        if durable::content_hash(&[body]) != u64::from_le_bytes(hash) {
-            return Err(self.damaged("the checksum does not match (a torn or damaged file)"));
-        }
-        postcard::from_bytes(body)
+        postcard::from_bytes(&body)
             .map(Some)
             .map_err(|e| self.damaged(format!("unreadable: {e}")))
     }
@@ -110,8 +89,7 @@ impl StateFile {
     /// Replaces the saved state with `saved`, atomically and durably.
     pub fn save(&self, saved: &SavedDevice) -> Result<(), SavedStateError> {
         let body = postcard::to_stdvec(saved).map_err(|e| self.damaged(format!("encoding: {e}")))?;
-        let hash = durable::content_hash(&[&body]).to_le_bytes();
-        durable::write_atomic(&self.path, &[MAGIC, &FORMAT.to_le_bytes(), &body, &hash])?;
+        durable::write_framed(&self.path, MAGIC, FORMAT, &body)?;
         Ok(())
     }
 

@@ -45,7 +45,7 @@ pub use pairing::{FeedbackError, MethodError, PairingError, check_codec, check_f
 pub use server_core::{
     CoreError, ExecutorError, FoldExecutor, InPlace, InPlaceFolds, OpenFolds, Population, ServerCore,
 };
-pub use upload::{Contribution, SharedUpload, UploadError, decode_contribution, decode_upload};
+pub use upload::{Contribution, SharedUpload, UploadError, decode_contribution, decode_upload, ef21_receive};
 
 /// A rule from the text of its `[algorithm.rule]` table, for this crate's tests.
 #[cfg(test)]

@@ -44,6 +44,9 @@ pub enum UploadError {
     /// A partial aggregate does not decode, or does not make an accumulator.
     #[error("partial aggregate: {0}")]
     Partial(String),
+    /// An EF21 message does not match the client's memory `h_i`.
+    #[error("EF21: {0}")]
+    Ef21(String),
     /// A decoded value is NaN or infinite.
     #[error("part {part}: value {index} is not finite")]
     NotFinite {
@@ -118,6 +121,26 @@ pub fn decode_contribution(
         .map_err(|e| UploadError::Partial(e.to_string()))
 }
 
+/// EF21's server half for one client: its memory `h_i`, one vector per part (empty before its
+/// first upload: zeros). The client sent `c = C(u − h_i)`; `h_i ← h_i + c`, and the server folds
+/// the new `h_i` — returned here, what the device computed as its own `h_i` and what fl-sim folds.
+pub fn ef21_receive(h: &mut Vec<Vec<f32>>, message: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, UploadError> {
+    if h.is_empty() {
+        *h = message.iter().map(|part| vec![0.0; part.len()]).collect();
+    }
+    if h.len() != message.len() {
+        return Err(UploadError::Ef21(format!(
+            "{} parts arrived, the memory has {}",
+            message.len(),
+            h.len()
+        )));
+    }
+    for (h, c) in h.iter_mut().zip(message) {
+        shoal_compression::feedback::ef21_receive(h, c).map_err(|e| UploadError::Ef21(e.to_string()))?;
+    }
+    Ok(h.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,6 +184,18 @@ mod tests {
             decode_upload(&damaged, &sizes, &layout()),
             Err(UploadError::Decode { part: 1, .. })
         ));
+    }
+
+    #[test]
+    fn ef21_folds_the_memory_moved_by_each_message() {
+        let mut h = Vec::new();
+        let first = ef21_receive(&mut h, &[vec![1.0, -2.0]]).expect("fits");
+        assert_eq!(first, vec![vec![1.0, -2.0]]);
+        let second = ef21_receive(&mut h, &[vec![0.5, 0.0]]).expect("fits");
+        assert_eq!(second, vec![vec![1.5, -2.0]]);
+        assert_eq!(h, second);
+        assert!(ef21_receive(&mut h, &[vec![0.0; 2], vec![0.0; 2]]).is_err());
+        assert!(ef21_receive(&mut h, &[vec![0.0; 3]]).is_err());
     }
 
     #[test]

@@ -268,11 +268,6 @@ impl ServerConfig {
             self.split.is_some(),
         )?;
         ensure!(
-            self.feedback != Feedback::Ef21,
-            "feedback = \"ef21\" runs in fl-sim only for now: fl-server would need to keep every client's h_i \
-             durably beside its acknowledged updates; use feedback = \"ef\""
-        );
-        ensure!(
             self.stop.rounds.is_some() || self.stop.target_accuracy.is_some(),
             "[stop] needs `rounds` or `target_accuracy`"
         );

@@ -6,6 +6,7 @@
 //!   restart by replaying the event log.
 //! - [`runtime`]: the serverless aggregation runtime — elastic pools of warm aggregation
 //!   instances folding eagerly in leaf → middle → top trees.
+//! - [`ef21_memory`]: EF21's per-client memories `h_i`, durable beside the acknowledged updates.
 //! - [`store`] and [`files`]: durable state (sled index and event log, atomic tensor files).
 //! - [`daemon`]: QUIC connections and the coordinator thread.
 //! - [`federation`]: a leaf fl-server's link to its top (partial aggregates up, the top's tasks
@@ -26,6 +27,7 @@ pub mod bench;
 pub mod config;
 pub mod daemon;
 pub mod datadir;
+pub mod ef21_memory;
 pub mod federation;
 pub mod files;
 pub mod run;

@@ -8,12 +8,14 @@
 //! no committed version holds are folded again from their files; nothing is folded twice.
 
 use crate::config::{FederationConfig, ServerConfig};
+use crate::ef21_memory::Ef21Memories;
 use crate::runtime::{Runtime, RuntimeStats};
 use crate::split::SplitRun;
 use crate::store::{PendingUpdate, Store, StoreError};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use shoal_aggregators::{Accumulator, Broadcast, Command, Coordinator, CoordinatorError, Event, TaskRecord};
+use shoal_compression::feedback::Feedback;
 use shoal_core::{ClientId, Layout, ModelVersion, TaskId, Timestamp, UpdateMeta};
 use shoal_engine::metrics::{FoldWindow, RunTotals, VersionRecord};
 use shoal_engine::{Contribution, Population, ServerCore, decode_contribution};
@@ -249,6 +251,8 @@ pub struct Run {
     split: Option<Arc<SplitRun>>,
     /// A leaf of a federation: its exchange with the top.
     leaf: Option<LeafLink>,
+    /// `feedback = "ef21"`: every client's memory `h_i`.
+    ef21: Option<Ef21Memories>,
 }
 
 impl Run {
@@ -361,9 +365,13 @@ impl Run {
             committed_metrics: Vec::new(),
             split,
             leaf,
+            ef21: None,
         };
         run.restore_metrics();
         run.replay()?;
+        if run.config.feedback == Feedback::Ef21 {
+            run.ef21 = Some(Ef21Memories::open(run.store.dir(), &run.accepted)?);
+        }
         if fresh {
             run.record_version(ModelVersion(0), 0)?;
         }
@@ -586,6 +594,17 @@ impl Run {
         if self.finished {
             return Ok(Offer::Refused(CoordinatorError::TaskNotRunning(task)));
         }
+        let (contribution, part_bytes, hash, moved) = match (&self.ef21, contribution) {
+            (Some(memories), Contribution::Upload(message)) => {
+                let prepared = memories
+                    .prepare(meta.client, task, &message)
+                    .with_context(|| format!("the EF21 memory of {}", meta.client))?;
+                let (part_bytes, hash) = self.store_dense(incoming, prepared.folded())?;
+                let folded = Contribution::Upload(Arc::from(prepared.folded().to_vec()));
+                (folded, part_bytes, hash, Some(prepared))
+            }
+            (_, contribution) => (contribution, part_bytes, hash, None),
+        };
         let now = self.now();
         let bytes = wire_bytes;
         let pending = PendingUpdate {
@@ -594,6 +613,9 @@ impl Run {
             hash,
         };
         self.store.accept_update(now, &pending, incoming)?;
+        if let (Some(memories), Some(moved)) = (self.ef21.as_mut(), moved) {
+            memories.adopt(moved);
+        }
         tracing::info!(%task, client = %meta.client, bytes, "update stored");
         self.accepted.insert(task);
         self.bytes_up += bytes;
@@ -603,6 +625,23 @@ impl Run {
         self.core.hold(task, contribution, meta.loss);
         let commands = self.coordinator.handle(now, Event::UpdateArrived(meta))?;
         Ok(Offer::Accepted(self.carry_out(commands, false)?))
+    }
+
+    /// Rewrites the update file at `incoming` as the dense `parts` it folds (identity payloads,
+    /// one per part): a replay folds what the file holds. Returns the parts' sizes and the hash.
+    fn store_dense(&self, incoming: &Path, parts: &[Vec<f32>]) -> Result<(Vec<u64>, u64)> {
+        let layout = self.layout();
+        let payloads = parts
+            .iter()
+            .map(|p| shoal_compression::encode(&shoal_compression::CodecSpec::identity(), &layout, p, 0))
+            .collect::<Result<Vec<_>, _>>()
+            .context("encoding the folded update")?;
+        let views: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+        crate::files::write_atomic(incoming, &views)?;
+        Ok((
+            payloads.iter().map(|p| p.len() as u64).collect(),
+            crate::files::content_hash(&views),
+        ))
     }
 
     fn carry_out(&mut self, commands: Vec<Command>, replaying: bool) -> Result<Vec<Outgoing>> {

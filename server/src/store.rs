@@ -25,6 +25,9 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
+/// How long [`Store::open`] waits for a state directory another process just let go of.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Errors of the durable state.
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -48,6 +51,12 @@ pub enum StoreError {
          restore the configuration or start a new data directory"
     )]
     OtherRun {
+        /// The state directory.
+        dir: String,
+    },
+    /// Another process holds the state directory.
+    #[error("{dir} is in use by another process (an fl-server running on this data directory?)")]
+    Locked {
         /// The state directory.
         dir: String,
     },
@@ -200,10 +209,7 @@ impl Store {
                 source,
             })?;
         }
-        let db = sled::Config::new()
-            .path(dir.join("index"))
-            .flush_every_ms(Some(200))
-            .open()?;
+        let db = Self::open_index(dir)?;
         let meta = db.open_tree("meta")?;
         match meta.get(FINGERPRINT)?.as_deref().and_then(u64_value) {
             Some(existing) if existing != fingerprint => {
@@ -245,6 +251,30 @@ impl Store {
             db,
             next_event,
         })
+    }
+
+    /// Opens the sled index under `dir`. The lock of a process that just closed it can outlive
+    /// its handle for a moment (sled's flusher thread lets go of the file last), so a held lock
+    /// is retried for up to [`LOCK_WAIT`] before the directory is reported in use.
+    fn open_index(dir: &Path) -> Result<sled::Db, StoreError> {
+        let config = sled::Config::new()
+            .path(dir.join("index"))
+            .flush_every_ms(Some(200));
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match config.open() {
+                Ok(db) => return Ok(db),
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StoreError::Locked {
+                            dir: dir.display().to_string(),
+                        });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// The run's id: chosen when the state directory was created, the same across restarts.
@@ -609,6 +639,24 @@ mod tests {
             loss: 0.5,
             duration_s: 0.1,
         }
+    }
+
+    #[test]
+    fn a_directory_held_by_another_store_is_reported_in_use_and_free_once_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = Store::open(dir.path(), 7).unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(held);
+        });
+        // Released while the second open waits: it opens.
+        let reopened = Store::open(dir.path(), 7);
+        release.join().unwrap();
+        let reopened = reopened.expect("opens once the first store lets go");
+        // Held for good: reported in use, by name, after the wait.
+        let refused = Store::open(dir.path(), 7).err().expect("in use");
+        assert!(matches!(refused, StoreError::Locked { .. }), "{refused}");
+        drop(reopened);
     }
 
     #[test]

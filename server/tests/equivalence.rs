@@ -168,7 +168,12 @@ fn deployed_with(method: &str, restart: Option<usize>) -> Deployed {
         {
             break address;
         }
-        assert!(!server.is_finished(), "fl-server stopped before it listened");
+        if server.is_finished() {
+            match server.join() {
+                Ok(result) => panic!("fl-server stopped before it listened: {:?}", result.err()),
+                Err(_) => panic!("fl-server panicked before it listened"),
+            }
+        }
         assert!(Instant::now() < deadline, "fl-server did not listen");
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -364,6 +369,8 @@ fn fedavg_over_quic_equals_fl_sim() {
     // Each client's error-feedback memory carries over from task to task in both drivers.
     assert_deployment_equals_simulation_with("rule = \"fedavg\"", "topk(0.1)", "ef");
     assert_deployment_equals_simulation_with("rule = \"fedavgm\"", "topk(0.1) | fp16", "ef");
+    // EF21: fl-server keeps each client's h_i and folds h_i + C(u − h_i), as the device computed.
+    assert_deployment_equals_simulation_with("rule = \"fedavg\"", "topk(0.1)", "ef21");
 }
 
 #[test]
@@ -401,6 +408,8 @@ fn control_variates_over_quic_equal_fl_sim() {
 fn a_restarted_client_resumes_its_control_variate() {
     assert_equal_runs("rule = \"scaffold\"", "identity", "none", Some(1));
     assert_equal_runs("rule = \"fedavg\"", "topk(0.1)", "ef", Some(2));
+    // The device's h_i survives in its state file, the server's in its EF21 memory.
+    assert_equal_runs("rule = \"fedavg\"", "topk(0.1)", "ef21", Some(1));
 }
 
 /// fl-server's `metrics.jsonl` and `summary.json` have fl-sim's fields with fl-sim's values (the
