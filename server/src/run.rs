@@ -1,5 +1,9 @@
-//! One federated run as fl-server drives it: the Coordinator fed with real time, the server rule
-//! folding decoded updates, and every step made durable through [`Store`] before anyone is told.
+//! One federated run as fl-server drives it: the Coordinator fed with real time, the engine's
+//! server core ([`ServerCore`]: hold, fold, merge, apply) carrying out its decisions on the
+//! serverless runtime, and every step made durable through [`Store`] before anyone is told. The
+//! run itself decides no number: it orders the steps, persists them and evaluates. A leaf of a
+//! federation's exchange with its top is in `leaf`; the metrics and summary it writes in
+//! `record`.
 //!
 //! This is the server's counterpart of fl-sim's engine and has no networking: the daemon hands it
 //! events and decoded updates and carries out the [`Outgoing`] messages it returns. On
@@ -28,6 +32,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
+
+mod leaf;
+mod record;
+
+use leaf::LeafLink;
+pub use leaf::{LeafUpload, OwedPartial};
+pub use record::{ProcessFigures, RunSummary, VersionMetrics};
 
 /// What the daemon must tell clients.
 #[derive(Debug, Clone, PartialEq)]
@@ -133,85 +144,6 @@ pub struct ReceivedUpdate {
     pub hash: u64,
     /// What it contributes to the aggregation.
     pub contribution: Contribution,
-}
-
-/// A partial aggregate a leaf owes the top: the sums of its round on the top's version `base`.
-#[derive(Debug, Clone)]
-pub struct OwedPartial {
-    /// The top's version the round trained from.
-    pub base: ModelVersion,
-    /// The encoded partial aggregate.
-    pub bytes: Arc<Vec<u8>>,
-    /// Samples of the clients folded into it.
-    pub num_samples: u64,
-    /// Their mean training loss.
-    pub loss: f32,
-}
-
-/// A leaf's upload to the top: the partial of `owed` as the update of the top's `task`.
-#[derive(Debug, Clone)]
-pub struct LeafUpload {
-    /// The top's task.
-    pub task: TaskId,
-    /// What is sent.
-    pub owed: OwedPartial,
-}
-
-/// Where a leaf stands with its top.
-#[derive(Debug, Default)]
-struct LeafLink {
-    /// The top's task for the version this leaf is on.
-    top_task: Option<(TaskId, ModelVersion)>,
-    /// The version whose model the leaf waits for from the top (its round is aggregated).
-    awaiting: Option<ModelVersion>,
-    /// The partial of the aggregated round, kept until the top's next version arrives.
-    owed: Option<OwedPartial>,
-    /// Uploads for the daemon to send.
-    uploads: Vec<LeafUpload>,
-    /// Losses reported with the updates of the round in progress.
-    losses: Vec<f32>,
-}
-
-/// One line of `metrics.jsonl`: a committed version, in the schema fl-sim writes too.
-#[derive(Debug, Clone, Serialize)]
-pub struct VersionMetrics {
-    /// The fields fl-sim's records have, with the same meanings.
-    #[serde(flatten)]
-    pub record: VersionRecord,
-    /// fl-server only: the aggregation runtime when the version was committed (this start).
-    pub runtime: RuntimeStats,
-}
-
-/// What `summary.json` holds when a run finishes.
-#[derive(Debug, Clone, Serialize)]
-pub struct RunSummary {
-    /// The fields fl-sim's summary has, with the same meanings (`time_s` is real run time here).
-    #[serde(flatten)]
-    pub totals: RunTotals,
-    /// fl-server only, split runs: what crossed the cut during this start.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub split: Option<crate::split::SplitTraffic>,
-    /// fl-server only: the aggregation runtime over this start (invocations, cold starts, warm
-    /// reuses, queues).
-    pub runtime: RuntimeStats,
-    /// fl-server only: process figures the daemon adds when it stops (this start only).
-    #[serde(flatten)]
-    pub process: Option<ProcessFigures>,
-}
-
-/// What the server process cost, measured by the daemon over one start.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ProcessFigures {
-    /// UDP bytes received on client connections (QUIC and TLS overhead included).
-    pub wire_bytes_in: u64,
-    /// UDP bytes sent on client connections.
-    pub wire_bytes_out: u64,
-    /// Seconds the coordinator thread spent handling requests and timers.
-    pub coordinator_busy_s: f64,
-    /// CPU seconds of the whole process (all threads).
-    pub cpu_time_s: Option<f64>,
-    /// Peak resident memory of the process, bytes.
-    pub peak_memory_bytes: Option<u64>,
 }
 
 /// A run in progress.
@@ -376,31 +308,6 @@ impl Run {
             run.record_version(ModelVersion(0), 0)?;
         }
         Ok(run)
-    }
-
-    /// Takes the counters of a previous start from `metrics.jsonl` (initial accuracy, bytes so far,
-    /// the last accuracy), so a restarted run reports the whole run.
-    fn restore_metrics(&mut self) {
-        let Ok(text) = std::fs::read_to_string(&self.metrics_path) else {
-            return;
-        };
-        for line in text.lines() {
-            let Ok(record) = serde_json::from_str::<serde_json::Value>(line) else {
-                continue;
-            };
-            let accuracy = record.get("accuracy").and_then(serde_json::Value::as_f64);
-            if record.get("version").and_then(serde_json::Value::as_u64) == Some(0) {
-                self.initial_accuracy = accuracy;
-            }
-            if accuracy.is_some() {
-                self.last_accuracy = accuracy;
-                self.best_accuracy = self.best_accuracy.into_iter().chain(accuracy).reduce(f64::max);
-            }
-            let count = |key: &str| record.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0);
-            self.bytes_up = self.bytes_up.max(count("bytes_up"));
-            self.bytes_down = self.bytes_down.max(count("bytes_down"));
-            self.updates_folded = self.updates_folded.max(count("updates_folded"));
-        }
     }
 
     /// Feeds the logged events to the fresh Coordinator, carrying out only what is not yet
@@ -620,7 +527,7 @@ impl Run {
         self.accepted.insert(task);
         self.bytes_up += bytes;
         if let Some(leaf) = &mut self.leaf {
-            leaf.losses.push(meta.loss);
+            leaf.report_loss(meta.loss);
         }
         self.core.hold(task, contribution, meta.loss);
         let commands = self.coordinator.handle(now, Event::UpdateArrived(meta))?;
@@ -802,193 +709,9 @@ impl Run {
         self.record_version(version, updates)
     }
 
-    /// A leaf's round is aggregated: its partial is owed to the top, and the leaf waits for the
-    /// top's `version` before it commits anything or sends another task.
-    fn owe_partial(&mut self, version: ModelVersion, merged: &Accumulator) -> Result<()> {
-        let sums: Vec<&[f64]> = (0..merged.parts()).map(|p| merged.sum(p)).collect();
-        let bytes = shoal_compression::partial::encode_partial(
-            &sums,
-            merged.total_weight(),
-            merged.count(),
-            &self.layout(),
-        )
-        .context("encoding the partial aggregate")?;
-        let Some(leaf) = self.leaf.as_mut() else {
-            return Ok(());
-        };
-        let losses = std::mem::take(&mut leaf.losses);
-        let owed = OwedPartial {
-            base: self.committed,
-            bytes: Arc::new(bytes),
-            num_samples: merged.total_weight().round() as u64,
-            loss: losses.iter().sum::<f32>() / losses.len().max(1) as f32,
-        };
-        tracing::info!(
-            base = %owed.base,
-            updates = merged.count(),
-            bytes = owed.bytes.len(),
-            "round aggregated: partial owed to the top"
-        );
-        if let Some((task, base)) = leaf.top_task.take()
-            && base == owed.base
-        {
-            leaf.uploads.push(LeafUpload {
-                task,
-                owed: owed.clone(),
-            });
-        }
-        leaf.owed = Some(owed);
-        leaf.awaiting = Some(version);
-        Ok(())
-    }
-
-    /// A leaf: the top gave this leaf `task` on its `version`, whose model is `x`. The first task
-    /// aligns the leaf with the top; a task on the version the leaf waits for commits the top's
-    /// model as that version; a task on the version of the owed partial (after a reconnection or a
-    /// restart) sends the partial again.
-    pub fn top_task(&mut self, task: TaskId, version: ModelVersion, x: Vec<f32>) -> Result<()> {
-        if x.len() != self.layout().len() {
-            bail!(
-                "the top's model has {} parameters, this leaf's {}",
-                x.len(),
-                self.layout().len()
-            );
-        }
-        let committed = self.committed;
-        let Some(leaf) = self.leaf.as_mut() else {
-            bail!("a top task for a server that is not a leaf");
-        };
-        if let Some(owed) = leaf.owed.clone().filter(|o| o.base == version) {
-            tracing::info!(%task, %version, "the top asks for the owed partial");
-            leaf.uploads.push(LeafUpload { task, owed });
-            return Ok(());
-        }
-        match leaf.awaiting {
-            Some(awaiting) if awaiting == version => {
-                leaf.awaiting = None;
-                leaf.owed = None;
-                leaf.top_task = Some((task, version));
-                let updates = self.last_round_updates;
-                self.core.set_model(x);
-                self.commit(version, updates)
-            }
-            None if version == committed => {
-                leaf.top_task = Some((task, version));
-                if self.core.state().x != x {
-                    tracing::info!(%version, "adopting the top's model");
-                    self.core.set_model(x);
-                    let head = self.split.as_ref().map(|s| s.head_dim());
-                    self.broadcast = SharedBroadcast::new(version, &self.core.broadcast(), head);
-                }
-                Ok(())
-            }
-            _ => bail!(
-                "the top is at {version}, this leaf at {committed} (waiting for {:?}): a leaf must deliver \
-                 every round of its top; restart it with a fresh data directory",
-                leaf.awaiting
-            ),
-        }
-    }
-
-    /// A leaf: the top finished the run at `version`. When that version holds this leaf's last
-    /// round, its folded updates are kept for `fl-server audit` (the leaf never receives the final
-    /// model: the top does not send tasks on it).
-    pub fn top_finished(&mut self, version: ModelVersion) -> Result<()> {
-        let last_round = self.leaf.as_ref().is_some_and(|l| l.awaiting == Some(version));
-        if last_round && self.config.storage.keep_updates {
-            self.store
-                .keep_folded(version, self.core.folded())
-                .with_context(|| format!("keeping the updates of {version}"))?;
-        }
-        if !self.finished {
-            self.finish()?;
-        }
-        Ok(())
-    }
-
-    /// A leaf: whether tasks must wait (not aligned with the top yet, or waiting for its model).
-    pub fn holds_tasks(&self) -> bool {
-        self.leaf
-            .as_ref()
-            .is_some_and(|l| l.top_task.is_none() || l.awaiting.is_some())
-    }
-
-    /// A leaf: the uploads to send to the top.
-    pub fn take_leaf_uploads(&mut self) -> Vec<LeafUpload> {
-        self.leaf
-            .as_mut()
-            .map(|l| std::mem::take(&mut l.uploads))
-            .unwrap_or_default()
-    }
-
     /// The aggregation runtime's figures.
     pub fn runtime_stats(&self) -> RuntimeStats {
         self.core.executor().stats()
-    }
-
-    fn due_for_eval(&self, version: ModelVersion) -> bool {
-        let last = self.config.stop.rounds.is_some_and(|r| version.0 >= r);
-        version.0 == 0 || last || self.config.eval.every.is_none_or(|k| version.0 % k == 0)
-    }
-
-    fn record_version(&mut self, version: ModelVersion, updates: usize) -> Result<()> {
-        let evaluation = match &self.eval {
-            Some(test) if self.due_for_eval(version) => Some(
-                match &self.split {
-                    Some(split) => split.evaluate(&self.core.state().x, test, self.config.eval.batch_size),
-                    None => Ok(evaluate(
-                        &self.model,
-                        &self.core.state().x,
-                        test,
-                        self.config.eval.batch_size,
-                    )?),
-                }
-                .context("evaluating the global model")?,
-            ),
-            _ => None,
-        };
-        let accuracy = evaluation.as_ref().map(|e| e.accuracy);
-        if version == ModelVersion(0) {
-            self.initial_accuracy = accuracy;
-        }
-        if accuracy.is_some() {
-            self.last_accuracy = accuracy;
-            self.best_accuracy = self.best_accuracy.into_iter().chain(accuracy).reduce(f64::max);
-        }
-        let folded = self.window.take();
-        let record = VersionMetrics {
-            record: VersionRecord {
-                version: version.0,
-                time_s: self.now().as_secs_f64(),
-                wall_s: self.clock_start.elapsed().as_secs_f64(),
-                accuracy,
-                loss: evaluation.as_ref().map(|e| e.loss),
-                client_loss: folded.client_loss.filter(|l| l.is_finite()),
-                bytes_up: self.bytes_up,
-                bytes_down: self.bytes_down,
-                // A leaf's round reaches the top as one partial: its own clients count here.
-                updates: (updates as u64).max(folded.updates),
-                updates_folded: self.updates_folded,
-                staleness_mean: folded.staleness_mean,
-                staleness_max: folded.staleness_max,
-            },
-            runtime: self.core.executor().stats(),
-        };
-        tracing::info!(
-            version = version.0,
-            updates,
-            accuracy = accuracy.map(|a| format!("{a:.4}")),
-            "committed"
-        );
-        let line = serde_json::to_string(&record)?;
-        self.committed_metrics.push(record);
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.metrics_path)
-            .with_context(|| format!("opening {}", self.metrics_path.display()))?;
-        writeln!(file, "{line}")?;
-        Ok(())
     }
 
     fn should_stop(&self, version: ModelVersion) -> bool {
@@ -1004,62 +727,9 @@ impl Run {
         rounds || target
     }
 
-    fn finish(&mut self) -> Result<()> {
-        self.finished = true;
-        self.store.mark_finished()?;
-        let summary = self.summary();
-        std::fs::write(&self.summary_path, serde_json::to_string_pretty(&summary)?)
-            .with_context(|| format!("writing {}", self.summary_path.display()))?;
-        tracing::info!(
-            rounds = summary.totals.rounds,
-            final_accuracy = summary.totals.final_accuracy,
-            "the run is finished"
-        );
-        Ok(())
-    }
-
-    /// The run's summary so far.
-    pub fn summary(&self) -> RunSummary {
-        RunSummary {
-            totals: RunTotals {
-                rule: self.config.algorithm.rule.name().to_string(),
-                scheduler: self.coordinator.scheduler_name().to_string(),
-                codec: self.config.codec.to_string(),
-                feedback: self.config.feedback.to_string(),
-                rounds: self.committed.0,
-                initial_accuracy: self.initial_accuracy,
-                final_accuracy: self.last_accuracy,
-                best_accuracy: self.best_accuracy,
-                bytes_up: self.bytes_up,
-                bytes_down: self.bytes_down,
-                updates_folded: self.updates_folded,
-                time_s: self.now().as_secs_f64(),
-                wall_time_s: self.clock_start.elapsed().as_secs_f64(),
-            },
-            split: self.split.as_ref().map(|s| s.traffic()),
-            runtime: self.core.executor().stats(),
-            process: None,
-        }
-    }
-
-    /// The versions committed since the last call.
-    pub fn take_committed(&mut self) -> Vec<VersionMetrics> {
-        std::mem::take(&mut self.committed_metrics)
-    }
-
     /// Every client name the run has seen, with its id.
     pub fn client_names(&self) -> Result<Vec<(ClientId, String)>> {
         Ok(self.store.client_names()?)
-    }
-
-    /// Held-out accuracy of the latest evaluated version.
-    pub fn last_accuracy(&self) -> Option<f64> {
-        self.last_accuracy
-    }
-
-    /// Where `summary.json` is written.
-    pub fn summary_path(&self) -> &Path {
-        &self.summary_path
     }
 
     /// Flushes the state index.
