@@ -96,6 +96,9 @@ struct Work {
     unacknowledged: Option<EncodedUpdate>,
     /// The file the state is saved in (once the run is known), and this device's id in the run.
     saved: Option<(StateFile, ClientId)>,
+    /// Before the first Welcome of a restarted device: the task its newest saved state holds
+    /// unacknowledged (see [`StateFile::latest_unacknowledged`]).
+    saved_holding: Option<TaskId>,
     report: AgentReport,
 }
 
@@ -148,6 +151,7 @@ impl Work {
             None => {}
         }
         self.saved = Some((file, client));
+        self.saved_holding = None;
         Ok(())
     }
 
@@ -156,6 +160,7 @@ impl Work {
             .as_ref()
             .map(|u| u.meta.task)
             .or(self.training.as_ref().map(|(s, _)| s.task))
+            .or(self.saved_holding)
     }
 }
 
@@ -188,6 +193,10 @@ pub async fn run(options: AgentOptions) -> Result<AgentReport> {
         training_split: false,
         unacknowledged: None,
         saved: None,
+        saved_holding: options
+            .state_dir
+            .as_deref()
+            .and_then(StateFile::latest_unacknowledged),
         report: AgentReport::default(),
     };
     let mut rng = StdRng::seed_from_u64(options.seed ^ 0x5eed);

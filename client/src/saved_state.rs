@@ -9,8 +9,8 @@
 
 use crate::trainer::EncodedUpdate;
 use serde::{Deserialize, Serialize};
-use shoal_core::ClientId;
 use shoal_core::durable::{self, DurableError, FramedError};
+use shoal_core::{ClientId, TaskId};
 use shoal_engine::DeviceState;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -93,6 +93,27 @@ impl StateFile {
         Ok(())
     }
 
+    /// The update the most recently saved state under `dir` holds unacknowledged, if any: what a
+    /// restarted device names as the task it holds in its first Hello, before the server's Welcome
+    /// says which run it is (and so which file is its). A wrong guess costs nothing — the server
+    /// then sends the task again — while a right one keeps the server from failing a task whose
+    /// update the device is about to resend. Unreadable files are passed over: the run's own file
+    /// is checked when it is loaded.
+    pub fn latest_unacknowledged(dir: &Path) -> Option<TaskId> {
+        let entries = std::fs::read_dir(dir).ok()?;
+        let newest = entries
+            .filter_map(Result::ok)
+            .filter(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name.starts_with("run-") && name.ends_with(".state")
+            })
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .max_by_key(|(modified, _)| *modified)?;
+        let file = Self { path: newest.1 };
+        file.load().ok()??.unacknowledged.map(|u| u.meta.task)
+    }
+
     /// Removes the file (the run is over).
     pub fn remove(&self) -> Result<(), SavedStateError> {
         match std::fs::remove_file(&self.path) {
@@ -111,7 +132,7 @@ impl StateFile {
 mod tests {
     use super::*;
     use shoal_aggregators::ClientState;
-    use shoal_core::{ModelVersion, TaskId, UpdateMeta};
+    use shoal_core::{ModelVersion, UpdateMeta};
 
     fn saved() -> SavedDevice {
         SavedDevice {
@@ -148,6 +169,22 @@ mod tests {
         assert_eq!(file.load().expect("loads"), Some(saved()));
         file.remove().expect("removed");
         assert!(file.load().expect("gone").is_none());
+    }
+
+    #[test]
+    fn the_newest_state_names_the_task_a_restarted_device_holds() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        assert_eq!(StateFile::latest_unacknowledged(dir.path()), None);
+        let mut older = saved();
+        older.unacknowledged = None;
+        StateFile::for_run(dir.path(), 1).save(&older).expect("saved");
+        assert_eq!(StateFile::latest_unacknowledged(dir.path()), None);
+        // Written later, so newer (file times can be coarse: wait them out).
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        StateFile::for_run(dir.path(), 2).save(&saved()).expect("saved");
+        assert_eq!(StateFile::latest_unacknowledged(dir.path()), Some(TaskId(17)));
+        std::fs::write(dir.path().join("run-0000000000000003.state"), b"damaged").expect("written");
+        assert_eq!(StateFile::latest_unacknowledged(dir.path()), None);
     }
 
     #[test]

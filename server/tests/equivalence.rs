@@ -17,6 +17,7 @@ use shoal_core::{ClientId, ModelVersion, Timestamp};
 use shoal_model::data::DatasetName;
 use shoal_model::data::partition::PartitionSpec;
 use shoal_net::tls;
+use shoal_server::audit::AuditReport;
 use shoal_server::config::ServerConfig;
 use shoal_server::datadir::{self, DataDir};
 use shoal_server::run::RunSummary;
@@ -92,6 +93,8 @@ struct Deployed {
     tasks: BTreeMap<u64, Vec<u64>>,
     summary: RunSummary,
     reports: Vec<AgentReport>,
+    /// With `[storage] keep_updates`: `fl-server audit` of every version after the first.
+    audits: Vec<AuditReport>,
 }
 
 /// Runs `method` on fl-server's daemon with three fl-client agents in this process.
@@ -234,6 +237,14 @@ fn deployed_with(method: &str, restart: Option<usize>) -> Deployed {
             tasks.entry(task.0).or_default().push(record.version.0);
         }
     }
+    drop(store);
+    let audits = if config.storage.keep_updates {
+        (1..states.len() as u64)
+            .map(|v| shoal_server::audit::audit(&dir, &[], Some(v), 1e-6).unwrap())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let metrics = std::fs::read_to_string(dir.root().join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -248,6 +259,7 @@ fn deployed_with(method: &str, restart: Option<usize>) -> Deployed {
         tasks,
         summary,
         reports,
+        audits,
     }
 }
 
@@ -470,7 +482,8 @@ fn metrics_have_one_schema_and_one_meaning() {
 
 /// Each acknowledged update of an asynchronous run is folded into exactly one version.
 fn assert_each_update_folded_once(rule: &str, scheduler: &str) {
-    let deployed = deployed(&method(rule, scheduler, "identity", "none"));
+    let kept = "\n[storage]\nkeep_updates = true\nkeep_versions = 100\n";
+    let deployed = deployed(&format!("{}{kept}", method(rule, scheduler, "identity", "none")));
     let label = format!("`{rule}` under `{scheduler}`");
     assert_eq!(deployed.states.len(), VERSIONS as usize + 1, "{label}");
     assert!(
@@ -484,6 +497,17 @@ fn assert_each_update_folded_once(rule: &str, scheduler: &str) {
         accepted >= folded,
         "{label}: {folded} folded but {accepted} acknowledged"
     );
+    // Every version is the rule applied to the updates the server kept for it, each with the
+    // weight the scheduler gave it (fl-server's audit folds them again, flat, in the engine).
+    assert_eq!(deployed.audits.len(), VERSIONS as usize, "{label}");
+    for audit in &deployed.audits {
+        assert!(audit.ok, "{label}: {audit:?}");
+        assert!(
+            audit.updates > 0,
+            "{label}: version {} folded nothing",
+            audit.version
+        );
+    }
 }
 
 #[test]
