@@ -146,7 +146,12 @@ fn main() -> Result<()> {
         name: args.name,
         data,
         seed: args.seed.unwrap_or(args.index as u64),
-        give_up_after: Duration::from_secs_f64(args.give_up_after_s.max(1.0)),
+        give_up_after: Duration::try_from_secs_f64(args.give_up_after_s.max(1.0)).map_err(|_| {
+            anyhow::anyhow!(
+                "--give-up-after-s {} is not a number of seconds a clock can hold",
+                args.give_up_after_s
+            )
+        })?,
         pipeline: args.pipeline.map(usize::from),
         state_dir: args.state_dir.or(args.identity),
     };

@@ -247,6 +247,10 @@ fn default_top_name() -> String {
     "localhost".into()
 }
 
+/// The longest time any `_s` setting may name: longer ones are surely a mistake, and far longer
+/// ones would overflow the clock.
+pub const MAX_SECONDS: f64 = 1e7;
+
 impl ServerConfig {
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Self> {
@@ -289,10 +293,15 @@ impl ServerConfig {
             ("transfer_timeout_s", self.server.transfer_timeout_s),
         ] {
             ensure!(
-                v.is_finite() && v > 0.0,
-                "[server] {name} must be positive, got {v}"
+                v.is_finite() && v > 0.0 && v <= MAX_SECONDS,
+                "[server] {name} must be positive and at most {MAX_SECONDS} s (about 116 days), got {v}"
             );
         }
+        ensure!(self.stop.rounds != Some(0), "[stop] rounds must be at least 1");
+        ensure!(
+            self.server.max_payload_bytes >= 1,
+            "[server] max_payload_bytes must be at least 1 (0 would refuse every update)"
+        );
         self.runtime
             .check()
             .map_err(|e| anyhow::anyhow!("[runtime] {e}"))?;
@@ -564,6 +573,33 @@ mod tests {
                 .to_string()
                 .contains("fedavg or fedavgm")
         );
+        // Values that would panic or stall the daemon are refused at load, by name.
+        for (from, to, named) in [
+            ("idle_timeout_s = 30", "idle_timeout_s = 1e30", "idle_timeout_s"),
+            (
+                "reconnect_grace_s = 30",
+                "reconnect_grace_s = 1e19",
+                "reconnect_grace_s",
+            ),
+            (
+                "transfer_timeout_s = 300",
+                "transfer_timeout_s = inf",
+                "transfer_timeout_s",
+            ),
+            ("keep_alive_s = 60", "keep_alive_s = 1e30", "keep_alive_s"),
+            ("rounds = 3", "rounds = 0", "rounds"),
+            (
+                "max_payload_bytes = 1073741824",
+                "max_payload_bytes = 0",
+                "max_payload_bytes",
+            ),
+            ("memory_mb = 2048", "memory_mb = 0", "memory_mb"),
+        ] {
+            assert!(base.contains(from), "the template sets `{from}`");
+            let config: ServerConfig = toml::from_str(&base.replace(from, to)).unwrap();
+            let e = config.validate().expect_err(to).to_string();
+            assert!(e.contains(named), "{to}: {e}");
+        }
         let runtime = base.replace("scale_up_queue = 2", "scale_up_queue = 0");
         let config: ServerConfig = toml::from_str(&runtime).unwrap();
         assert!(config.validate().unwrap_err().to_string().contains("[runtime]"));

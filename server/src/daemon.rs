@@ -17,7 +17,9 @@ use crate::admin::{AdminQuery, AdminService, proto};
 use crate::config::ServerConfig;
 use crate::datadir::DataDir;
 use crate::files;
-use crate::run::{Offer, Outgoing, ProcessFigures, ReceivedUpdate, Run, RunSummary, SharedBroadcast};
+use crate::run::{
+    Offer, OfferError, Outgoing, ProcessFigures, ReceivedUpdate, Run, RunSummary, SharedBroadcast,
+};
 use crate::split::{Serving, SplitRun, Taken};
 use crate::store::Store;
 use anyhow::{Context, Result};

@@ -131,6 +131,24 @@ pub enum Offer {
     Refused(CoordinatorError),
 }
 
+/// Why an offered update was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum OfferError {
+    /// Storing it failed before it was accepted: nothing changed, and the client may send it again.
+    #[error("{0:#}")]
+    NotStored(anyhow::Error),
+    /// It was accepted and logged, but what followed failed (a commit on a full disk, say): the run
+    /// in memory is behind its log, so fl-server must stop; the next start replays the log.
+    #[error("{0:#}")]
+    RunFailed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for OfferError {
+    fn from(e: anyhow::Error) -> Self {
+        OfferError::NotStored(e)
+    }
+}
+
 /// An update as a connection received it: decoded, checked, and written to a file.
 #[derive(Debug)]
 pub struct ReceivedUpdate {
@@ -461,15 +479,15 @@ impl Run {
     /// Offers a decoded update whose payload file is written at `incoming`: checks it answers a
     /// running task of its client, makes it durable, and hands it to the Coordinator. A refused or
     /// duplicate update's file is removed.
-    pub fn offer_update(&mut self, upload: ReceivedUpdate, incoming: &Path) -> Result<Offer> {
+    pub fn offer_update(&mut self, upload: ReceivedUpdate, incoming: &Path) -> Result<Offer, OfferError> {
         let offer = self.decide(upload, incoming);
-        if !matches!(offer, Ok(Offer::Accepted(_))) {
+        if !matches!(offer, Ok(Offer::Accepted(_)) | Err(OfferError::RunFailed(_))) {
             let _ = std::fs::remove_file(incoming);
         }
         offer
     }
 
-    fn decide(&mut self, upload: ReceivedUpdate, incoming: &Path) -> Result<Offer> {
+    fn decide(&mut self, upload: ReceivedUpdate, incoming: &Path) -> Result<Offer, OfferError> {
         let ReceivedUpdate {
             meta,
             wire_bytes,
@@ -519,7 +537,9 @@ impl Run {
             part_bytes,
             hash,
         };
-        self.store.accept_update(now, &pending, incoming)?;
+        self.store
+            .accept_update(now, &pending, incoming)
+            .map_err(anyhow::Error::from)?;
         if let (Some(memories), Some(moved)) = (self.ef21.as_mut(), moved) {
             memories.adopt(moved);
         }
@@ -530,8 +550,14 @@ impl Run {
             leaf.report_loss(meta.loss);
         }
         self.core.hold(task, contribution, meta.loss);
-        let commands = self.coordinator.handle(now, Event::UpdateArrived(meta))?;
-        Ok(Offer::Accepted(self.carry_out(commands, false)?))
+        // Accepted and logged: from here a failure leaves the run in memory behind its log.
+        let commands = self
+            .coordinator
+            .handle(now, Event::UpdateArrived(meta))
+            .map_err(|e| OfferError::RunFailed(e.into()))?;
+        self.carry_out(commands, false)
+            .map(Offer::Accepted)
+            .map_err(OfferError::RunFailed)
     }
 
     /// Rewrites the update file at `incoming` as the dense `parts` it folds (identity payloads,

@@ -109,8 +109,16 @@ impl RuntimeConfig {
     /// Checks the values serde cannot.
     pub fn check(&self) -> Result<(), String> {
         self.limits().check()?;
-        if !(self.keep_alive_s.is_finite() && self.keep_alive_s >= 0.0) {
-            return Err(format!("keep_alive_s = {} must be >= 0", self.keep_alive_s));
+        if !(self.keep_alive_s.is_finite() && (0.0..=crate::config::MAX_SECONDS).contains(&self.keep_alive_s))
+        {
+            return Err(format!(
+                "keep_alive_s = {} must be between 0 and {} s",
+                self.keep_alive_s,
+                crate::config::MAX_SECONDS
+            ));
+        }
+        if self.memory_mb == 0 {
+            return Err("memory_mb must be at least 1 (the leaves' accumulators need memory)".into());
         }
         if self.scale_up_queue == 0 {
             return Err("scale_up_queue must be at least 1".into());

@@ -481,10 +481,10 @@ fn metrics_have_one_schema_and_one_meaning() {
 }
 
 /// Each acknowledged update of an asynchronous run is folded into exactly one version.
-fn assert_each_update_folded_once(rule: &str, scheduler: &str) {
+fn assert_each_update_folded_once(rule: &str, scheduler: &str, codec: &str, feedback: &str) {
     let kept = "\n[storage]\nkeep_updates = true\nkeep_versions = 100\n";
-    let deployed = deployed(&format!("{}{kept}", method(rule, scheduler, "identity", "none")));
-    let label = format!("`{rule}` under `{scheduler}`");
+    let deployed = deployed(&format!("{}{kept}", method(rule, scheduler, codec, feedback)));
+    let label = format!("`{rule}` under `{scheduler}` with `{codec}`, feedback `{feedback}`");
     assert_eq!(deployed.states.len(), VERSIONS as usize + 1, "{label}");
     assert!(
         deployed.tasks.values().all(|v| v.len() == 1),
@@ -512,9 +512,23 @@ fn assert_each_update_folded_once(rule: &str, scheduler: &str) {
 
 #[test]
 fn asynchronous_schedulers_over_quic_fold_each_update_once() {
-    assert_each_update_folded_once("rule = \"fedbuff\"", "scheduler = \"fedbuff\"\nbuffer_size = 2");
-    assert_each_update_folded_once("rule = \"fedasync\"", "scheduler = \"fedasync\"");
-    assert_each_update_folded_once("rule = \"fedcompass\"", "scheduler = \"fedcompass\"");
+    let fedbuff = ("rule = \"fedbuff\"", "scheduler = \"fedbuff\"\nbuffer_size = 2");
+    let fedasync = ("rule = \"fedasync\"", "scheduler = \"fedasync\"");
+    let fedcompass = ("rule = \"fedcompass\"", "scheduler = \"fedcompass\"");
     // FedFix commits a version per window of real time that folded updates (empty ones skipped).
-    assert_each_update_folded_once("rule = \"fedfix\"", "scheduler = \"fedfix\"\nperiod_s = 0.2");
+    let fedfix = ("rule = \"fedfix\"", "scheduler = \"fedfix\"\nperiod_s = 0.2");
+    // Each with the identity codec and with a codec that suits it: FedAsync uploads a model, so a
+    // quantizer and no sparsifier; the others upload deltas.
+    for (rule, scheduler, codec, feedback) in [
+        (fedbuff.0, fedbuff.1, "identity", "none"),
+        (fedbuff.0, fedbuff.1, "topk(0.1)", "ef"),
+        (fedasync.0, fedasync.1, "identity", "none"),
+        (fedasync.0, fedasync.1, "int8", "none"),
+        (fedcompass.0, fedcompass.1, "identity", "none"),
+        (fedcompass.0, fedcompass.1, "fedzip", "none"),
+        (fedfix.0, fedfix.1, "identity", "none"),
+        (fedfix.0, fedfix.1, "fp16", "none"),
+    ] {
+        assert_each_update_folded_once(rule, scheduler, codec, feedback);
+    }
 }

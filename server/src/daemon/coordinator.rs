@@ -174,9 +174,18 @@ fn handle_request(
                     }
                     Ok(Offer::Duplicate) => UpdateVerdict::Accepted,
                     Ok(Offer::Refused(e)) => UpdateVerdict::Refused(e.to_string()),
-                    Err(e) => {
+                    Err(OfferError::NotStored(e)) => {
                         tracing::error!(error = %format!("{e:#}"), %task, "could not store an update");
                         UpdateVerdict::Internal(format!("{e:#}"))
+                    }
+                    Err(OfferError::RunFailed(e)) => {
+                        // The update is in the log: the next start replays it. Serving on from a
+                        // run that is behind its log would answer clients from a state no log
+                        // holds, so fl-server stops.
+                        let _ = reply.send(UpdateVerdict::Internal("the server failed; it restarts".into()));
+                        return Err(e.context(format!(
+                            "carrying out the acceptance of {task}; restart fl-server to resume from its log"
+                        )));
                     }
                 }
             };
