@@ -331,11 +331,15 @@ impl Run {
     /// Feeds the logged events to the fresh Coordinator, carrying out only what is not yet
     /// durable (folds of uncommitted updates, aggregations after the committed version).
     fn replay(&mut self) -> Result<()> {
-        let events: Vec<(Timestamp, Event)> = self.store.events().collect::<Result<_, StoreError>>()?;
+        let events: Vec<(Timestamp, Event, u64)> = self.store.events().collect::<Result<_, StoreError>>()?;
         let count = events.len();
         let mut last = Timestamp::ZERO;
-        for (at, event) in events {
+        // Every accepted update's bytes, from the log: the metrics of the starts before miss those
+        // accepted after their last record.
+        let mut bytes_up = 0u64;
+        for (at, event, bytes) in events {
             last = at;
+            bytes_up = bytes_up.saturating_add(bytes);
             if let Event::UpdateArrived(meta) = &event {
                 self.accepted.insert(meta.task);
             }
@@ -346,6 +350,7 @@ impl Run {
                 Err(e) => tracing::debug!(error = %e, "a logged event was refused again on replay"),
             }
         }
+        self.bytes_up = self.bytes_up.max(bytes_up);
         self.clock_base = last;
         self.clock_start = Instant::now();
         if count > 0 {
@@ -538,7 +543,7 @@ impl Run {
             hash,
         };
         self.store
-            .accept_update(now, &pending, incoming)
+            .accept_update(now, &pending, incoming, bytes)
             .map_err(anyhow::Error::from)?;
         if let (Some(memories), Some(moved)) = (self.ef21.as_mut(), moved) {
             memories.adopt(moved);

@@ -81,11 +81,24 @@ pub enum StoreError {
 /// An event as logged (the Coordinator's [`Event`], in a serialisable form).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 enum LoggedEvent {
-    Joined { client: ClientId, num_samples: u64 },
-    Left { client: ClientId },
+    Joined {
+        client: ClientId,
+        num_samples: u64,
+    },
+    Left {
+        client: ClientId,
+    },
     UpdateArrived(UpdateMeta),
-    TaskFailed { task: TaskId },
+    TaskFailed {
+        task: TaskId,
+    },
     Timer,
+    /// An update accepted with the bytes its client sent (logs before this variant hold
+    /// `UpdateArrived` alone; new variants go last, so old logs still decode).
+    Accepted {
+        meta: UpdateMeta,
+        wire_bytes: u64,
+    },
 }
 
 impl From<&Event> for LoggedEvent {
@@ -111,6 +124,7 @@ impl From<LoggedEvent> for Event {
             LoggedEvent::UpdateArrived(meta) => Event::UpdateArrived(meta),
             LoggedEvent::TaskFailed { task } => Event::TaskFailed { task },
             LoggedEvent::Timer => Event::Timer,
+            LoggedEvent::Accepted { meta, .. } => Event::UpdateArrived(meta),
         }
     }
 }
@@ -506,6 +520,7 @@ impl Store {
         at: Timestamp,
         pending: &PendingUpdate,
         incoming: &Path,
+        wire_bytes: u64,
     ) -> Result<(), StoreError> {
         let path = Self::update_path(&self.dir, pending.meta.task);
         std::fs::rename(incoming, &path).map_err(|source| FileError::Io {
@@ -515,7 +530,10 @@ impl Store {
         files::sync_dir(&self.dir.join("updates"))?;
         let entry = encode(&LogEntry {
             at,
-            event: LoggedEvent::UpdateArrived(pending.meta.clone()),
+            event: LoggedEvent::Accepted {
+                meta: pending.meta.clone(),
+                wire_bytes,
+            },
         });
         let index = encode(pending);
         let seq = key(self.next_event);
@@ -532,12 +550,17 @@ impl Store {
         Ok(())
     }
 
-    /// The logged events, oldest first.
-    pub fn events(&self) -> impl Iterator<Item = Result<(Timestamp, Event), StoreError>> + '_ {
+    /// The logged events, oldest first, each with the bytes its client sent when it is an
+    /// accepted update (0 otherwise, and for updates logged before the bytes were).
+    pub fn events(&self) -> impl Iterator<Item = Result<(Timestamp, Event, u64), StoreError>> + '_ {
         self.events.iter().map(|kv| {
             let (_, v) = kv?;
             let entry: LogEntry = decode("events", &v)?;
-            Ok((entry.at, entry.event.into()))
+            let bytes = match &entry.event {
+                LoggedEvent::Accepted { wire_bytes, .. } => *wire_bytes,
+                _ => 0,
+            };
+            Ok((entry.at, entry.event.into(), bytes))
         })
     }
 
@@ -686,7 +709,7 @@ mod tests {
                     hash: files::content_hash(&[&payload]),
                 };
                 store
-                    .accept_update(Timestamp::from_micros(task), &pending, &incoming)
+                    .accept_update(Timestamp::from_micros(task), &pending, &incoming, 40 + task)
                     .unwrap();
             }
             std::fs::write(Store::incoming_path(dir.path(), 7), b"never accepted").unwrap();
@@ -714,6 +737,7 @@ mod tests {
         let events: Vec<_> = store.events().collect::<Result<_, _>>().unwrap();
         assert_eq!(events.len(), 3);
         assert_eq!(events[2].1, Event::UpdateArrived(meta(2)));
+        assert_eq!(events[2].2, 42, "the bytes its client sent");
         assert_eq!(store.client_names().unwrap().len(), 2);
         drop(store);
         assert!(matches!(

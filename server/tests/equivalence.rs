@@ -99,7 +99,7 @@ struct Deployed {
 
 /// Runs `method` on fl-server's daemon with three fl-client agents in this process.
 fn deployed(method: &str) -> Deployed {
-    deployed_with(method, None)
+    deployed_with(method, Fault::None)
 }
 
 /// Waits until `metrics` (the server's `metrics.jsonl`) records `version`.
@@ -125,8 +125,20 @@ async fn restarted_agent(options: AgentOptions, metrics: &Path) -> anyhow::Resul
     shoal_client::agent::run(options).await
 }
 
-/// Runs `method` as [`deployed`] does; agent `restart`, if any, is restarted after version 1.
-fn deployed_with(method: &str, restart: Option<usize>) -> Deployed {
+/// What goes wrong in a deployed run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    None,
+    /// This agent is stopped once version 1 is committed and started again from its state folder.
+    RestartedClient(usize),
+    /// The server's versions folder is gone once it listens, so the commit of version 1 fails:
+    /// fl-server stops with the error, and, started again with the folder back, resumes from its
+    /// log while the agents reconnect.
+    FailedCommit,
+}
+
+/// Runs `method` as [`deployed`] does, with `fault`.
+fn deployed_with(method: &str, fault: Fault) -> Deployed {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -180,6 +192,26 @@ fn deployed_with(method: &str, restart: Option<usize>) -> Deployed {
         assert!(Instant::now() < deadline, "fl-server did not listen");
         std::thread::sleep(Duration::from_millis(20));
     };
+    let server = if fault == Fault::FailedCommit {
+        // The restarted server listens where the agents reconnect to.
+        let text = std::fs::read_to_string(dir.config()).unwrap();
+        let pinned = text.replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"{address}\""), 1);
+        assert_ne!(pinned, text);
+        std::fs::write(dir.config(), pinned).unwrap();
+        let versions = dir.root().join("state").join("versions");
+        let away = dir.root().join("state").join("versions.away");
+        std::fs::rename(&versions, &away).unwrap();
+        let root = dir.root().to_path_buf();
+        std::thread::spawn(move || {
+            let failed = server.join().unwrap().expect_err("the commit of version 1 fails");
+            let message = format!("{failed:#}");
+            assert!(message.contains("restart fl-server"), "{message}");
+            std::fs::rename(&away, &versions).unwrap();
+            shoal_server::daemon::serve(&DataDir::new(&root), None)
+        })
+    } else {
+        server
+    };
     let agent = |i: usize| {
         let identity = dir.client_dir(&format!("device-{i}"));
         AgentOptions {
@@ -208,7 +240,7 @@ fn deployed_with(method: &str, restart: Option<usize>) -> Deployed {
         let options = agent(i);
         let metrics = metrics.clone();
         async move {
-            if restart == Some(i) {
+            if fault == Fault::RestartedClient(i) {
                 restarted_agent(options, &metrics).await
             } else {
                 shoal_client::agent::run(options).await
@@ -303,14 +335,14 @@ fn assert_deployment_equals_simulation(rule: &str, codec: &str) {
 }
 
 fn assert_deployment_equals_simulation_with(rule: &str, codec: &str, feedback: &str) {
-    assert_equal_runs(rule, codec, feedback, None);
+    assert_equal_runs(rule, codec, feedback, Fault::None);
 }
 
-/// The deployment of `rule` (with agent `restart` restarted mid-run, if any) equals fl-sim's run.
-fn assert_equal_runs(rule: &str, codec: &str, feedback: &str, restart: Option<usize>) {
+/// The deployment of `rule`, with `fault`, equals fl-sim's run.
+fn assert_equal_runs(rule: &str, codec: &str, feedback: &str, fault: Fault) {
     let method = method(rule, &full_rounds(), codec, feedback);
     let (simulated, sim_bytes_up) = simulated(&method);
-    let deployed = deployed_with(&method, restart);
+    let deployed = deployed_with(&method, fault);
     let label = format!(
         "`{}` with `{codec}`, feedback `{feedback}`",
         rule.replace('\n', ", ")
@@ -418,10 +450,30 @@ fn control_variates_over_quic_equal_fl_sim() {
 /// the next task before it acknowledges the resent update; the task trains from that update's state.
 #[test]
 fn a_restarted_client_resumes_its_control_variate() {
-    assert_equal_runs("rule = \"scaffold\"", "identity", "none", Some(1));
-    assert_equal_runs("rule = \"fedavg\"", "topk(0.1)", "ef", Some(2));
+    assert_equal_runs(
+        "rule = \"scaffold\"",
+        "identity",
+        "none",
+        Fault::RestartedClient(1),
+    );
+    assert_equal_runs("rule = \"fedavg\"", "topk(0.1)", "ef", Fault::RestartedClient(2));
     // The device's h_i survives in its state file, the server's in its EF21 memory.
-    assert_equal_runs("rule = \"fedavg\"", "topk(0.1)", "ef21", Some(1));
+    assert_equal_runs(
+        "rule = \"fedavg\"",
+        "topk(0.1)",
+        "ef21",
+        Fault::RestartedClient(1),
+    );
+}
+
+/// A commit that fails (its folder is gone, as on a full or failed disk) stops fl-server with the
+/// error rather than leaving it serving from a run behind its log; started again, it replays the
+/// log — the acknowledged updates of the failed version folded once, their bytes counted — and the
+/// run still equals fl-sim's, with the EF21 memories and the control variates it keeps.
+#[test]
+fn a_failed_commit_stops_the_server_and_its_restart_resumes_the_same_run() {
+    assert_equal_runs("rule = \"scaffold\"", "identity", "none", Fault::FailedCommit);
+    assert_equal_runs("rule = \"fedavg\"", "topk(0.1)", "ef21", Fault::FailedCommit);
 }
 
 /// fl-server's `metrics.jsonl` and `summary.json` have fl-sim's fields with fl-sim's values (the
