@@ -54,6 +54,33 @@ pub enum StoreError {
         /// The state directory.
         dir: String,
     },
+    /// The index is empty, but the directory holds a run's files: the index was lost or damaged.
+    #[error(
+        "{dir}: the state index is empty but {files} version and update files are there, so the index \
+         (state/index) was lost or damaged; fl-server will not start a new run over them — restore \
+         state/index from a backup, or move state/ aside to start a new run"
+    )]
+    IndexLost {
+        /// The state directory.
+        dir: String,
+        /// Version and update files found.
+        files: usize,
+    },
+    /// The index says an older version is committed than the files show: it rolled back.
+    #[error(
+        "{dir}: the state index says version {index} is the last committed, but version files up to \
+         {files} are there, so the index lost commits (damaged or restored from an old copy); \
+         fl-server will not serve an older run state than its clients have seen — restore a current \
+         state/index, or move state/ aside to start a new run"
+    )]
+    IndexBehind {
+        /// The state directory.
+        dir: String,
+        /// The last version the index holds (0 when it holds none).
+        index: u64,
+        /// The newest version file.
+        files: u64,
+    },
     /// Another process holds the state directory.
     #[error("{dir} is in use by another process (an fl-server running on this data directory?)")]
     Locked {
@@ -212,6 +239,50 @@ pub struct Store {
     next_event: u64,
 }
 
+/// Refuses an index that does not account for the files beside it: an empty index over a run's
+/// files (it was lost), or one that is more than a version behind the newest version file (it
+/// rolled back; one version ahead is a commit interrupted between its file and its index entry,
+/// which the replay redoes).
+fn check_index_against_files(dir: &Path, meta: &sled::Tree) -> Result<(), StoreError> {
+    let names = |sub: &str| -> Vec<String> {
+        std::fs::read_dir(dir.join(sub))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let versions: Vec<u64> = names("versions")
+        .iter()
+        .filter_map(|n| n.strip_prefix('v')?.strip_suffix(".bin")?.parse().ok())
+        .collect();
+    let updates = names("updates").iter().filter(|n| n.ends_with(".bin")).count();
+    if meta.get(FINGERPRINT)?.is_none() {
+        if !versions.is_empty() || updates > 0 {
+            return Err(StoreError::IndexLost {
+                dir: dir.display().to_string(),
+                files: versions.len() + updates,
+            });
+        }
+        return Ok(());
+    }
+    let committed = meta.get(COMMITTED)?.as_deref().and_then(u64_value);
+    // With nothing committed, only version 0's file may be there (its commit was interrupted).
+    let allowed = committed.map_or(0, |c| c.saturating_add(1));
+    if let Some(newest) = versions.iter().copied().max()
+        && newest > allowed
+    {
+        return Err(StoreError::IndexBehind {
+            dir: dir.display().to_string(),
+            index: committed.unwrap_or(0),
+            files: newest,
+        });
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (or creates) the state under `dir` for a run whose configuration hashes to
     /// `fingerprint`; refuses a directory holding another run.
@@ -225,6 +296,7 @@ impl Store {
         }
         let db = Self::open_index(dir)?;
         let meta = db.open_tree("meta")?;
+        check_index_against_files(dir, &meta)?;
         match meta.get(FINGERPRINT)?.as_deref().and_then(u64_value) {
             Some(existing) if existing != fingerprint => {
                 return Err(StoreError::OtherRun {
@@ -662,6 +734,51 @@ mod tests {
             loss: 0.5,
             duration_s: 0.1,
         }
+    }
+
+    #[test]
+    fn an_index_lost_or_rolled_back_is_refused_instead_of_starting_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = |store: &Store, v: u64| {
+            store
+                .commit_version(
+                    ModelVersion(v),
+                    &ServerState::new(vec![v as f32]),
+                    Timestamp::ZERO,
+                    Vec::new(),
+                )
+                .unwrap();
+        };
+        {
+            let store = Store::open(dir.path(), 7).unwrap();
+            for v in 0..=3 {
+                commit(&store, v);
+            }
+        }
+        // A version file one ahead of the index: an interrupted commit, which the replay redoes.
+        let ahead = dir.path().join("versions").join("v00000004.bin");
+        std::fs::copy(dir.path().join("versions").join("v00000003.bin"), &ahead).unwrap();
+        drop(Store::open(dir.path(), 7).unwrap());
+        // Two ahead: the index lost commits.
+        std::fs::copy(&ahead, dir.path().join("versions").join("v00000005.bin")).unwrap();
+        let behind = Store::open(dir.path(), 7).err().expect("refused");
+        assert!(
+            matches!(
+                behind,
+                StoreError::IndexBehind {
+                    index: 3,
+                    files: 5,
+                    ..
+                }
+            ),
+            "{behind}"
+        );
+        // The index gone (as sled's file truncated to nothing opens): refused, files untouched.
+        std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+        let lost = Store::open(dir.path(), 7).err().expect("refused");
+        assert!(matches!(lost, StoreError::IndexLost { files: 6, .. }), "{lost}");
+        assert!(lost.to_string().contains("will not start a new run"), "{lost}");
+        assert!(ahead.exists());
     }
 
     #[test]
