@@ -198,6 +198,12 @@ pub struct AlgorithmConfig {
     /// (a device's count is its own claim, and the default weights follow it).
     #[serde(default = "default_max_samples_per_client")]
     pub max_samples_per_client: u64,
+    /// Seconds a task may run, from its assignment, before it fails and its client is told to drop
+    /// it (none: no limit). It counts as a failed task toward `evict_after_failures`. fl-server's
+    /// template sets it, so that a client that takes a task and never answers cannot hold a round;
+    /// in fl-sim it cuts off the slowest devices as a deployment would.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_timeout_s: Option<f64>,
     /// The method.
     pub rule: RuleConfig,
     /// When and with what weights it aggregates.
@@ -227,6 +233,7 @@ impl AlgorithmConfig {
             local_lr: default_local_lr(),
             evict_after_failures: default_evict_after_failures(),
             max_samples_per_client: default_max_samples_per_client(),
+            task_timeout_s: None,
             rule,
             scheduler,
         }
@@ -261,6 +268,14 @@ impl AlgorithmConfig {
                 "max_samples_per_client must be at least 1",
             ));
         }
+        if let Some(t) = self.task_timeout_s
+            && !(t.is_finite() && t > 0.0 && t <= 1e9)
+        {
+            return Err(ConfigError::new(
+                "`[algorithm]`",
+                format!("task_timeout_s must be a positive number of seconds (at most 1e9), got {t}"),
+            ));
+        }
         let algorithm = self.rule.build()?;
         let aggregation = algorithm.server.aggregation();
         check_pairing(self.rule.name(), aggregation, &self.scheduler)?;
@@ -268,7 +283,8 @@ impl AlgorithmConfig {
         Ok((
             algorithm,
             Coordinator::new(scheduler, seed, self.evict_after_failures)
-                .with_sample_cap(self.max_samples_per_client),
+                .with_sample_cap(self.max_samples_per_client)
+                .with_task_timeout(self.task_timeout_s),
         ))
     }
 }

@@ -233,6 +233,8 @@ pub struct CoordinatorStats {
     pub aggregations: u64,
     /// Clients evicted.
     pub evicted: u64,
+    /// Tasks failed because they ran past `task_timeout_s` (counted in `failed` too).
+    pub timed_out: u64,
 }
 
 /// A set of clients with O(1) insert and remove and O(1) access by position (for sampling).
@@ -283,6 +285,8 @@ pub struct Core {
     evict_after_failures: u32,
     /// The most samples a client's declaration counts for.
     max_samples_per_client: u64,
+    /// How long a task may run before it fails (`[algorithm] task_timeout_s`), in microseconds.
+    task_timeout: Option<u64>,
     /// Every client that ever registered (leaving does not remove one), the population `N`, with
     /// the number of tasks it was given (the ordinal of its next task's seed).
     population: BTreeMap<ClientId, u64>,
@@ -309,6 +313,7 @@ impl Core {
             stats: CoordinatorStats::default(),
             evict_after_failures,
             max_samples_per_client: u64::MAX,
+            task_timeout: None,
             population: BTreeMap::new(),
             population_at_last_aggregate: 0,
             out: Vec::new(),
@@ -397,6 +402,9 @@ impl Core {
             },
         );
         self.stats.assigned += 1;
+        if let Some(timeout) = self.task_timeout {
+            self.wake_at(self.now.after_micros(timeout));
+        }
         self.out.push(Command::Train {
             client,
             task,
@@ -520,6 +528,36 @@ impl Coordinator {
         self
     }
 
+    /// Fails a task still running `timeout_s` after it was assigned (see `[algorithm]
+    /// task_timeout_s`): a client that takes a task and never answers holds no round for longer.
+    pub(crate) fn with_task_timeout(mut self, timeout_s: Option<f64>) -> Self {
+        self.core.task_timeout = timeout_s.map(|s| shoal_core::micros_from_secs(s).max(1));
+        self
+    }
+
+    /// The task failed (reported, or past its timeout): the client may be evicted, the scheduler
+    /// moves on.
+    fn task_failed(&mut self, task: TaskId) {
+        let core = &mut self.core;
+        if let Some(record) = core.fail_running(task) {
+            let failures = core
+                .clients
+                .get(&record.client)
+                .map_or(0, |c| c.failures_in_a_row);
+            if core.evict_after_failures > 0 && failures >= core.evict_after_failures {
+                core.remove_client(record.client);
+                core.stats.evicted += 1;
+                core.out.push(Command::Evict {
+                    client: record.client,
+                    reason: format!("{failures} failed tasks in a row"),
+                });
+                self.scheduler.on_left(core, record.client, Some(record));
+            } else {
+                self.scheduler.on_failed(core, record);
+            }
+        }
+    }
+
     /// Handles one event at `now` and returns the commands to carry out, in order.
     pub fn handle(&mut self, now: Timestamp, event: Event) -> Result<Vec<Command>, CoordinatorError> {
         if now < self.core.now {
@@ -575,29 +613,28 @@ impl Coordinator {
                     self.scheduler.on_arrival(core, Arrival { record, meta });
                 }
             }
-            Event::TaskFailed { task } => {
-                if let Some(record) = core.fail_running(task) {
-                    let failures = core
-                        .clients
-                        .get(&record.client)
-                        .map_or(0, |c| c.failures_in_a_row);
-                    if core.evict_after_failures > 0 && failures >= core.evict_after_failures {
-                        core.remove_client(record.client);
-                        core.stats.evicted += 1;
-                        core.out.push(Command::Evict {
-                            client: record.client,
-                            reason: format!("{failures} failed tasks in a row"),
-                        });
-                        self.scheduler.on_left(core, record.client, Some(record));
-                    } else {
-                        self.scheduler.on_failed(core, record);
-                    }
-                }
-            }
+            Event::TaskFailed { task } => self.task_failed(task),
             Event::Timer => {
                 let later = core.timers.split_off(&now.after_micros(1));
                 core.timers = later;
-                self.scheduler.on_timer(core);
+                if let Some(timeout) = core.task_timeout {
+                    let overdue: Vec<TaskRecord> = core
+                        .running
+                        .values()
+                        .filter(|r| r.assigned_at.after_micros(timeout) <= now)
+                        .copied()
+                        .collect();
+                    for record in overdue {
+                        // The device is told to drop it; an upload for it is refused from now on.
+                        self.core.out.push(Command::Cancel {
+                            client: record.client,
+                            task: record.task,
+                        });
+                        self.core.stats.timed_out += 1;
+                        self.task_failed(record.task);
+                    }
+                }
+                self.scheduler.on_timer(&mut self.core);
             }
         }
         Ok(std::mem::take(&mut self.core.out))

@@ -15,7 +15,8 @@ use shoal_aggregators::staleness::Staleness;
 use shoal_aggregators::{
     AlgorithmConfig, ApplyContext, ClientState, Command, RuleConfig, SchedulerConfig, Weighting,
 };
-use shoal_core::{IdentityCompressor, Timestamp};
+use shoal_core::{ClientId, IdentityCompressor, TaskId, Timestamp};
+use std::collections::BTreeSet;
 
 const N: usize = 8;
 const D: usize = 20;
@@ -635,4 +636,61 @@ fn control_variates_average_over_the_population_through_late_joins_and_departure
             }
         }
     }
+}
+
+/// A client that takes its task and never answers holds a round only until `task_timeout_s`: its
+/// task fails and the client is told to drop it, the round closes with the others, and after
+/// `evict_after_failures` such tasks in a row the client is evicted. Without the timeout it holds
+/// the first round for good.
+#[test]
+fn a_task_past_its_timeout_fails_so_a_silent_client_cannot_hold_a_round() {
+    let scheduler = SchedulerConfig::Sync(SyncConfig {
+        clients_per_round: None,
+        fraction: Some(1.0),
+        ..SyncConfig::default()
+    });
+    let run = |timeout: Option<f64>| {
+        let mut config = config(RuleConfig::FedAvg { server_lr: 1.0 }, scheduler.clone());
+        config.task_timeout_s = timeout;
+        // Client 0 would take a million seconds a step: it never answers within the run.
+        let step = Box::new(|i, _| if i == 0 { 1_000_000_000_000 } else { 1000 });
+        let mut driver = Driver::new(config, 3, vec![10; 4], step);
+        driver.join_all();
+        driver.run(Timestamp::from_secs_f64(60.0), 6);
+        driver
+    };
+    let stalled = run(None);
+    assert!(
+        stalled.log.aggregations.is_empty(),
+        "without a timeout the silent client holds the first round"
+    );
+    let driver = run(Some(1.0));
+    assert_eq!(driver.log.aggregations.len(), 6, "the rounds go on without it");
+    let silent = ClientId(0);
+    let given: BTreeSet<TaskId> = driver
+        .log
+        .trains
+        .iter()
+        .filter(|(_, (client, ..))| *client == silent)
+        .map(|(task, _)| *task)
+        .collect();
+    let commands: Vec<&Command> = driver.log.batches.iter().flat_map(|(_, _, c)| c).collect();
+    let cancelled: BTreeSet<TaskId> = commands
+        .iter()
+        .filter_map(|c| match c {
+            Command::Cancel { client, task } if *client == silent => Some(*task),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(given.len(), 3, "three tasks, then evicted");
+    assert_eq!(cancelled, given, "each of its tasks is cancelled at its timeout");
+    assert!(
+        commands
+            .iter()
+            .any(|c| matches!(c, Command::Evict { client, .. } if *client == silent)),
+        "evicted after three failed tasks in a row"
+    );
+    assert_eq!(driver.coordinator.stats().timed_out, 3);
+    assert!(driver.log.folds.values().all(|(client, ..)| *client != silent));
+    driver.assert_exactly_once();
 }

@@ -410,6 +410,7 @@ batch_size = 10                # local minibatch B
 local_steps = 50               # K local steps per task
 local_lr = 0.05
 evict_after_failures = 3       # failed tasks in a row before a client is disconnected
+task_timeout_s = 900           # a task not answered within this fails, and its client drops it
 
 [algorithm.rule]
 rule = "fedavg"                # fedavg | fedavgm | fedavg-m | scaffold | scaffold-m | scallion |
