@@ -60,10 +60,9 @@ impl AdminService {
 
 /// A client of the admin API of the server whose data directory is `dir`: the address it is
 /// listening on (`DIR/admin-listening`), else the configured one.
-pub async fn connect(
-    dir: &crate::datadir::DataDir,
-) -> anyhow::Result<proto::admin_client::AdminClient<tonic::transport::Channel>> {
+pub async fn connect(dir: &crate::datadir::DataDir) -> anyhow::Result<AdminConnection> {
     use anyhow::Context;
+    let token = BearerToken::new(&dir.admin_token()?)?;
     let address = match std::fs::read_to_string(dir.root().join("admin-listening")) {
         Ok(a) if !a.trim().is_empty() => a.trim().to_string(),
         _ => crate::config::ServerConfig::load(&dir.config())?
@@ -71,9 +70,74 @@ pub async fn connect(
             .admin
             .to_string(),
     };
-    proto::admin_client::AdminClient::connect(format!("http://{address}"))
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+        .connect()
         .await
-        .with_context(|| format!("no fl-server admin API at {address} (is `fl-server run` running?)"))
+        .with_context(|| format!("no fl-server admin API at {address} (is `fl-server run` running?)"))?;
+    Ok(proto::admin_client::AdminClient::with_interceptor(channel, token))
+}
+
+/// A client of the admin API that sends the data directory's token with every call.
+pub type AdminConnection = proto::admin_client::AdminClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
+>;
+
+/// The admin API's token (`tls/admin.token` in the data directory, readable by its owner only):
+/// the client side adds it to each call, the server side refuses a call without it.
+#[derive(Clone)]
+pub struct BearerToken {
+    header: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(..)")
+    }
+}
+
+impl BearerToken {
+    /// The token `secret` (printable ASCII, as `fl-server init` writes it).
+    pub fn new(secret: &str) -> anyhow::Result<Self> {
+        let header = format!("Bearer {}", secret.trim())
+            .parse()
+            .map_err(|_| anyhow::anyhow!("the admin token is not printable ASCII"))?;
+        Ok(Self { header })
+    }
+
+    /// Whether `request` carries this token (compared in constant time).
+    fn admits<T>(&self, request: &Request<T>) -> bool {
+        let Some(given) = request.metadata().get("authorization") else {
+            return false;
+        };
+        let (given, expected) = (given.as_bytes(), self.header.as_bytes());
+        given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    /// Client side: adds the token.
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.header.clone());
+        Ok(request)
+    }
+}
+
+/// The server side's check: a call without the data directory's token is refused.
+#[derive(Clone, Debug)]
+pub struct RequireToken(pub BearerToken);
+
+impl tonic::service::Interceptor for RequireToken {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        if self.0.admits(&request) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated(
+                "the admin API needs the data directory's token (tls/admin.token)",
+            ))
+        }
+    }
 }
 
 /// The runtime's figures as the admin API sends them.

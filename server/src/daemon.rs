@@ -13,7 +13,7 @@
 //! the end; `coordinator` is the coordinator thread, `connection` one device's connection, and
 //! `split_streams` the split-learning streams on it.
 
-use crate::admin::{AdminQuery, AdminService, proto};
+use crate::admin::{AdminQuery, AdminService, BearerToken, RequireToken, proto};
 use crate::config::ServerConfig;
 use crate::datadir::DataDir;
 use crate::files;
@@ -190,13 +190,14 @@ pub fn serve(dir: &DataDir, data_dir: Option<&Path>) -> Result<RunSummary> {
     let admin_address = admin_listener.local_addr()?;
     let _ = std::fs::write(dir.root().join("admin-listening"), admin_address.to_string());
     tracing::info!(address = %admin_address, "admin API listening");
+    let token = RequireToken(BearerToken::new(&dir.admin_token()?)?);
     let admin = runtime.spawn({
         let service = AdminService::new(requests.clone(), metrics_tx.clone());
         async move {
             let incoming =
                 tonic::transport::server::TcpIncoming::from(admin_listener).with_nodelay(Some(true));
             if let Err(e) = tonic::transport::Server::builder()
-                .add_service(proto::admin_server::AdminServer::new(service))
+                .add_service(proto::admin_server::AdminServer::with_interceptor(service, token))
                 .serve_with_incoming(incoming)
                 .await
             {

@@ -41,6 +41,25 @@ impl DataDir {
         self.root.join("tls").join(file)
     }
 
+    /// The admin API's token, created (random, readable by its owner only) the first time it is
+    /// asked for: `fl-server init` makes it, and a data directory made before tokens gets one at
+    /// its next start.
+    pub fn admin_token(&self) -> Result<String> {
+        let path = self.tls("admin.token");
+        match std::fs::read_to_string(&path) {
+            Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_string()),
+            Ok(_) => bail!("{} is empty: remove it to have a new token made", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+        let mut bytes = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+            .map_err(|_| anyhow::anyhow!("the system's random source failed"))?;
+        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        write_new(&path, &token, true)?;
+        Ok(token)
+    }
+
     /// The CA certificate.
     pub fn ca_cert(&self) -> PathBuf {
         self.tls("ca.pem")
@@ -125,6 +144,7 @@ pub fn init(
     write_new(&dir.tls("server.pem"), &server.cert, false)?;
     write_new(&dir.tls("server.key"), &server.key, true)?;
     write_new(&dir.config(), &config, false)?;
+    dir.admin_token()?;
     Ok(())
 }
 

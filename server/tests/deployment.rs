@@ -524,7 +524,27 @@ fn bad_clients_are_refused_or_disconnected_and_the_rounds_complete_without_them(
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        // The admin API answers on its own (loopback) address.
+        // The admin API answers on its own (loopback) address, to calls with the data
+        // directory's token only.
+        let admin_address = std::fs::read_to_string(dir.join("admin-listening")).unwrap();
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", admin_address.trim()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut anonymous = shoal_server::admin::proto::admin_client::AdminClient::new(channel.clone());
+        let without_token = anonymous.status(StatusRequest {}).await.unwrap_err();
+        assert_eq!(
+            without_token.code(),
+            tonic::Code::Unauthenticated,
+            "{without_token}"
+        );
+        let mut forged = shoal_server::admin::proto::admin_client::AdminClient::with_interceptor(
+            channel,
+            shoal_server::admin::BearerToken::new("0123456789abcdef").unwrap(),
+        );
+        let wrong_token = forged.status(StatusRequest {}).await.unwrap_err();
+        assert_eq!(wrong_token.code(), tonic::Code::Unauthenticated, "{wrong_token}");
         let mut admin = shoal_server::admin::connect(&DataDir::new(dir)).await.unwrap();
         let status = admin.status(StatusRequest {}).await.unwrap().into_inner();
         assert_eq!(
