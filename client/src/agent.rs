@@ -169,6 +169,12 @@ enum SessionEnd {
     Disconnected(String),
 }
 
+/// How long a QUIC handshake may take before the agent tries again. A server restarted in the
+/// middle of a handshake never answers it (a connection that was never established gets no
+/// stateless reset), and waiting out the idle timeout would hold the device — and its round — for
+/// 15 s; on a working path the handshake takes a few round trips.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Runs the agent until the run is finished.
 pub async fn run(options: AgentOptions) -> Result<AgentReport> {
     let data = options.data.load()?;
@@ -264,10 +270,12 @@ async fn session(
     data: &mut Option<crate::local_data::LocalData>,
     work: &mut Work,
 ) -> Result<SessionEnd> {
-    let conn = endpoint
+    let connecting = endpoint
         .connect(options.server, &options.server_name)
-        .context("connecting")?
+        .context("connecting")?;
+    let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
         .await
+        .map_err(|_| anyhow::anyhow!("no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()))?
         .context("handshake")?;
     work.report.connections += 1;
     let (mut send, recv) = conn.open_bi().await.context("opening the control stream")?;
