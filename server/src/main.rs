@@ -168,6 +168,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Drop an acknowledged update whose file is damaged or lost, so the run can start again: the
+    /// version it was to be folded into is made without it. Its client was told it was accepted,
+    /// so this loses its work — the last resort the start's error points to. Run it on a stopped
+    /// server.
+    DropUpdate {
+        /// The data directory.
+        dir: PathBuf,
+        /// The task whose update to drop (as the start's error names it).
+        #[arg(long)]
+        task: u64,
+    },
 }
 
 /// Runs one admin API call on a small runtime.
@@ -525,6 +536,21 @@ fn main() -> Result<()> {
             );
             Ok(())
         })?,
+        Command::DropUpdate { dir, task } => {
+            let config = shoal_server::config::ServerConfig::load(&DataDir::new(&dir).config())?;
+            let store = Store::open(&dir.join("state"), config.fingerprint())?;
+            let task = shoal_core::TaskId(task);
+            if store.pending_update(task)?.is_none() {
+                anyhow::bail!(
+                    "{task} has no update waiting to be aggregated (a committed version holds it, or it \
+                     was never accepted)"
+                );
+            }
+            store.discard_update(task)?;
+            store.flush()?;
+            tracing::warn!(%task, "dropped its acknowledged update; the next start aggregates without it");
+            println!("dropped the update of {task}");
+        }
         Command::History { dir, json } => {
             let config = shoal_server::config::ServerConfig::load(&DataDir::new(&dir).config())?;
             let store = Store::open(&dir.join("state"), config.fingerprint())?;

@@ -662,7 +662,13 @@ impl Run {
             let Some(pending) = self.store.pending_update(task)? else {
                 return Ok(());
             };
-            let bytes = self.store.read_update(&pending)?;
+            let bytes = self.store.read_update(&pending).with_context(|| {
+                format!(
+                    "reading the acknowledged update of {task} (if its file is lost for good, `fl-server \
+                     drop-update DIR --task {}` drops it and the version is made without it)",
+                    task.0
+                )
+            })?;
             let partial = self.is_top() && shoal_compression::partial::is_partial(&bytes);
             let contribution = decode_contribution(
                 &bytes,
@@ -671,7 +677,13 @@ impl Run {
                 self.core.upload_parts(),
                 partial,
             )
-            .with_context(|| format!("stored update {task}"))?;
+            .with_context(|| {
+                format!(
+                    "stored update {task} (if it is damaged for good, `fl-server drop-update DIR --task {}` \
+                     drops it and the version is made without it)",
+                    task.0
+                )
+            })?;
             self.core.hold(task, contribution, pending.meta.loss);
         }
         let running = self.coordinator.running_tasks().count();
