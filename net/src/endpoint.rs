@@ -13,8 +13,14 @@ use thiserror::Error;
 
 /// Per-stream receive window.
 const STREAM_RECEIVE_WINDOW: u32 = 32 << 20;
-/// Per-connection receive and send windows.
+/// Per-connection receive and send windows (a client's; the server receives less, see below).
 const CONNECTION_WINDOW: u32 = 256 << 20;
+/// What one client may have in flight to the server before the server reads it: two streams'
+/// windows (an upload and a resend, or a split stream), not the client's 256 MiB — the server
+/// buffers what a client sends before it reads it, so this bounds the memory one client can pin.
+const SERVER_RECEIVE_WINDOW: u32 = 2 * STREAM_RECEIVE_WINDOW;
+/// Streams a client may have open to the server at once: uploads go one at a time.
+const SERVER_UNI_STREAMS: u32 = 4;
 /// UDP socket send and receive buffers.
 const SOCKET_BUFFER: usize = 4 << 20;
 
@@ -52,12 +58,23 @@ impl Default for Timeouts {
     }
 }
 
-fn transport(timeouts: Timeouts) -> Arc<TransportConfig> {
+/// Which side of a connection a transport configuration is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Server,
+    Client,
+}
+
+fn transport(timeouts: Timeouts, side: Side) -> Arc<TransportConfig> {
+    let (receive_window, uni_streams) = match side {
+        Side::Server => (SERVER_RECEIVE_WINDOW, SERVER_UNI_STREAMS),
+        Side::Client => (CONNECTION_WINDOW, 64),
+    };
     let mut t = TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
-        .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
+        .receive_window(VarInt::from_u32(receive_window))
         .send_window(u64::from(CONNECTION_WINDOW))
-        .max_concurrent_uni_streams(VarInt::from_u32(64))
+        .max_concurrent_uni_streams(VarInt::from_u32(uni_streams))
         .max_concurrent_bidi_streams(VarInt::from_u32(4))
         .keep_alive_interval(Some(timeouts.keep_alive))
         .max_idle_timeout(IdleTimeout::try_from(timeouts.idle).ok());
@@ -112,7 +129,7 @@ pub fn server_endpoint(
     let crypto = tls::server_crypto(ca_pem, server, auth)?;
     let quic = QuicServerConfig::try_from(crypto).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    config.transport_config(transport(timeouts));
+    config.transport_config(transport(timeouts, Side::Server));
     let socket = udp_socket(addr)?;
     Endpoint::new(
         restartable_endpoint_config(server),
@@ -134,7 +151,7 @@ pub fn client_endpoint(
     let crypto = tls::client_crypto(ca_pem, identity)?;
     let quic = QuicClientConfig::try_from(crypto).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(transport(timeouts));
+    config.transport_config(transport(timeouts, Side::Client));
     let local: SocketAddr = if remote.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
