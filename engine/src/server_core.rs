@@ -234,33 +234,38 @@ impl<E: FoldExecutor> ServerCore<E> {
         Ok(Some(held.loss))
     }
 
+    /// A new aggregation on the executor, planned for as many updates as the last one had, or
+    /// `expected` if more.
+    fn begin(&mut self, expected: usize) -> Result<E::Open, CoreError> {
+        self.executor
+            .open(
+                &self.rule,
+                self.rule.upload_parts(),
+                self.state.x.len(),
+                self.last_updates.max(expected),
+            )
+            .map_err(CoreError::Aggregate)
+    }
+
+    /// The aggregation in progress, opened now if there is none.
     fn open(&mut self, expected: usize) -> Result<&mut E::Open, CoreError> {
-        if self.open.is_none() {
-            let open = self
-                .executor
-                .open(
-                    &self.rule,
-                    self.rule.upload_parts(),
-                    self.state.x.len(),
-                    self.last_updates.max(expected),
-                )
-                .map_err(CoreError::Aggregate)?;
-            self.open = Some(open);
+        match self.open {
+            Some(ref mut open) => Ok(open),
+            None => {
+                let open = self.begin(expected)?;
+                Ok(self.open.insert(open))
+            }
         }
-        self.open
-            .as_mut()
-            .ok_or_else(|| CoreError::Aggregate("the aggregation was just opened".into()))
     }
 
     /// Finishes the aggregation in progress (an empty one if nothing was folded) and returns its
     /// merged sums; the rule's state does not move. A leaf of a federation sends these sums up
     /// instead of applying them.
     pub fn merge(&mut self) -> Result<<E::Open as OpenFolds>::Merged, CoreError> {
-        self.open(0)?;
-        let open = self
-            .open
-            .take()
-            .ok_or_else(|| CoreError::Aggregate("no aggregation to finish".into()))?;
+        let open = match self.open.take() {
+            Some(open) => open,
+            None => self.begin(0)?,
+        };
         let merged = open.finish().map_err(CoreError::Aggregate)?;
         self.last_updates = usize::try_from(merged.count()).unwrap_or(usize::MAX);
         Ok(merged)

@@ -123,8 +123,8 @@ pub fn decode_contribution(
 
 /// EF21's server half for one client: its memory `h_i`, one vector per part (empty before its
 /// first upload: zeros). The client sent `c = C(u − h_i)`; `h_i ← h_i + c`, and the server folds
-/// the new `h_i` — returned here, what the device computed as its own `h_i` and what fl-sim folds.
-pub fn ef21_receive(h: &mut Vec<Vec<f32>>, message: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, UploadError> {
+/// the new `h_i` — what the device computed as its own `h_i` and what fl-sim folds.
+pub fn ef21_receive(h: &mut Vec<Vec<f32>>, message: &[Vec<f32>]) -> Result<(), UploadError> {
     if h.is_empty() {
         *h = message.iter().map(|part| vec![0.0; part.len()]).collect();
     }
@@ -138,7 +138,7 @@ pub fn ef21_receive(h: &mut Vec<Vec<f32>>, message: &[Vec<f32>]) -> Result<Vec<V
     for (h, c) in h.iter_mut().zip(message) {
         shoal_compression::feedback::ef21_receive(h, c).map_err(|e| UploadError::Ef21(e.to_string()))?;
     }
-    Ok(h.clone())
+    Ok(())
 }
 
 #[cfg(test)]
@@ -189,11 +189,10 @@ mod tests {
     #[test]
     fn ef21_folds_the_memory_moved_by_each_message() {
         let mut h = Vec::new();
-        let first = ef21_receive(&mut h, &[vec![1.0, -2.0]]).expect("fits");
-        assert_eq!(first, vec![vec![1.0, -2.0]]);
-        let second = ef21_receive(&mut h, &[vec![0.5, 0.0]]).expect("fits");
-        assert_eq!(second, vec![vec![1.5, -2.0]]);
-        assert_eq!(h, second);
+        ef21_receive(&mut h, &[vec![1.0, -2.0]]).expect("fits");
+        assert_eq!(h, vec![vec![1.0, -2.0]]);
+        ef21_receive(&mut h, &[vec![0.5, 0.0]]).expect("fits");
+        assert_eq!(h, vec![vec![1.5, -2.0]]);
         assert!(ef21_receive(&mut h, &[vec![0.0; 2], vec![0.0; 2]]).is_err());
         assert!(ef21_receive(&mut h, &[vec![0.0; 3]]).is_err());
     }
