@@ -710,6 +710,24 @@ impl Coordinator {
         self.core.running.get(&task)
     }
 
+    /// Whether `task` was ever assigned (running or not): an id past the last one assigned was
+    /// made up by whoever names it.
+    pub fn has_assigned(&self, task: TaskId) -> bool {
+        task.0 < self.core.next_task
+    }
+
+    /// Whether a refused update could not have come from an honest client: it names a task never
+    /// assigned, another client's task, or its own task with a base version it was never sent.
+    /// (An honest client's late upload for a task that ended is refused as `TaskNotRunning` of an
+    /// assigned task and is not counted against it.)
+    pub fn is_forged(&self, refusal: &CoordinatorError) -> bool {
+        match refusal {
+            CoordinatorError::TaskNotRunning(task) => !self.has_assigned(*task),
+            CoordinatorError::WrongClient { .. } | CoordinatorError::WrongVersion { .. } => true,
+            CoordinatorError::TimeWentBackwards { .. } | CoordinatorError::UnknownClient(_) => false,
+        }
+    }
+
     /// Accepted updates not yet folded or discarded.
     pub fn held_updates(&self) -> usize {
         self.core.held.len()

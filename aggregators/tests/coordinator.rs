@@ -253,30 +253,28 @@ fn bad_events_are_refused_and_change_nothing() {
         refuse(&mut coordinator, 0.5, Event::Timer),
         CoordinatorError::TimeWentBackwards { .. }
     ));
-    assert!(matches!(
-        refuse(
-            &mut coordinator,
-            2.0,
-            Event::UpdateArrived(meta(client, TaskId(99), version))
-        ),
-        CoordinatorError::TaskNotRunning(TaskId(99))
-    ));
-    assert!(matches!(
-        refuse(
-            &mut coordinator,
-            2.0,
-            Event::UpdateArrived(meta(ClientId(2), task, version))
-        ),
-        CoordinatorError::WrongClient { .. }
-    ));
-    assert!(matches!(
-        refuse(
-            &mut coordinator,
-            2.0,
-            Event::UpdateArrived(meta(client, task, ModelVersion(5)))
-        ),
-        CoordinatorError::WrongVersion { .. }
-    ));
+    // Each of these could only come from a client that forges what it names.
+    let made_up = refuse(
+        &mut coordinator,
+        2.0,
+        Event::UpdateArrived(meta(client, TaskId(99), version)),
+    );
+    assert_eq!(made_up, CoordinatorError::TaskNotRunning(TaskId(99)));
+    assert!(coordinator.is_forged(&made_up));
+    let wrong_client = refuse(
+        &mut coordinator,
+        2.0,
+        Event::UpdateArrived(meta(ClientId(2), task, version)),
+    );
+    assert!(matches!(wrong_client, CoordinatorError::WrongClient { .. }));
+    assert!(coordinator.is_forged(&wrong_client));
+    let wrong_version = refuse(
+        &mut coordinator,
+        2.0,
+        Event::UpdateArrived(meta(client, task, ModelVersion(5))),
+    );
+    assert!(matches!(wrong_version, CoordinatorError::WrongVersion { .. }));
+    assert!(coordinator.is_forged(&wrong_version));
     assert!(matches!(
         refuse(&mut coordinator, 2.0, Event::Left { client: ClientId(7) }),
         CoordinatorError::UnknownClient(ClientId(7))
@@ -297,6 +295,8 @@ fn bad_events_are_refused_and_change_nothing() {
     );
     assert_eq!(err, CoordinatorError::TaskNotRunning(task));
     assert!(err.to_string().contains("not running"));
+    // A late resend of a task that ended is what an honest client sends: not forged.
+    assert!(!coordinator.is_forged(&err));
 }
 
 #[test]

@@ -318,6 +318,7 @@ impl From<StreamError> for Fatal {
     }
 }
 
+mod absences;
 mod connection;
 mod coordinator;
 mod split_streams;

@@ -1,8 +1,8 @@
 //! fl-server and fl-client as real processes on loopback, with mutual TLS and MNIST partitions:
 //! the local-federation example end to end, the admin API, a server killed with SIGKILL in the middle of an
 //! aggregation that resumes and aggregates every acknowledged update exactly once, clients
-//! that are refused (no valid certificate) or disconnected (truncated, oversized, corrupted
-//! uploads) while the rounds complete with the others, and split learning: three split clients
+//! that are refused (no valid certificate), disconnected (truncated, oversized, corrupted
+//! uploads) or have their task failed (an upload for a task never assigned) while the rounds complete with the others, and split learning: three split clients
 //! with and without pipelining, and bad split streams reset or disconnected; and hierarchical
 //! aggregation: a top and two leaf fl-servers whose versions equal the flat aggregation of every
 //! client's update; and a damaged acknowledged update that blocks the start until the operator
@@ -484,6 +484,74 @@ async fn bad_upload(
     (code, closed)
 }
 
+/// Connects as `identity`, waits for a task, and uploads a well-formed update for a task id the
+/// server never assigned. Returns the error code of the refusal, whether the server cancelled
+/// the real task, and whether the connection stayed open.
+async fn forged_upload(
+    address: SocketAddr,
+    ca: &str,
+    identity: &PemPair,
+    layout: &shoal_core::Layout,
+) -> (ErrorCode, bool) {
+    let (endpoint, conn, mut send, mut reader) = connect_by_hand(address, ca, identity).await;
+    let mut client = None;
+    let (task, version) = loop {
+        match reader.next_message::<ServerMessage>().await.unwrap().unwrap() {
+            ServerMessage::Welcome { client: c, .. } => client = Some(c),
+            ServerMessage::Task { task, version, .. } => break (task, version),
+            _ => {}
+        }
+    };
+    let forged = TaskId(task.0 + 1_000_000);
+    let payload = shoal_compression::encode(
+        &shoal_compression::CodecSpec::identity(),
+        layout,
+        &vec![0.0; layout.len()],
+        0,
+    )
+    .unwrap();
+    let meta = UpdateMeta {
+        client: client.unwrap(),
+        task: forged,
+        base_version: version,
+        num_samples: 100,
+        local_steps: 1,
+        loss: 0.0,
+        duration_s: 0.1,
+    };
+    write_message(
+        &mut send,
+        &ClientMessage::UpdateReady {
+            meta,
+            payload_bytes: payload.len() as u64,
+        },
+    )
+    .await
+    .unwrap();
+    let header = StreamHeader::Update {
+        task: forged,
+        part_bytes: vec![payload.len() as u64],
+    };
+    send_stream(&conn, &header, &[&payload]).await.unwrap();
+    let (mut code, mut cancelled) = (None, false);
+    let answers = async {
+        while code.is_none() || !cancelled {
+            match reader.next_message::<ServerMessage>().await {
+                Ok(Some(ServerMessage::Error { code: c, .. })) => code = Some(c),
+                Ok(Some(ServerMessage::Cancel { task: t })) => cancelled |= t == task,
+                Ok(Some(_)) => continue,
+                other => panic!("expected a refusal and a cancellation, got {other:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), answers)
+        .await
+        .expect("the server refuses the forged upload and cancels the real task");
+    let open = conn.close_reason().is_none();
+    endpoint.close(0u32.into(), b"");
+    (code.unwrap(), open)
+}
+
 /// Whether a connection with these credentials is refused.
 async fn refused(address: SocketAddr, ca: &str, identity: Option<&PemPair>) -> bool {
     let endpoint = client_endpoint(ca, identity, Timeouts::default(), address).unwrap();
@@ -508,9 +576,13 @@ fn bad_clients_are_refused_or_disconnected_and_the_rounds_complete_without_them(
     let dir = dir.path();
     // The template's 30 s grace: on a loaded machine the rogue's next connection may take seconds,
     // and it must still find its client registered (and a task waiting) when it comes back.
+    // Four rounds: the rogue takes a task in each and misbehaves four ways. It is not evicted
+    // before the last, so it stays registered (and the rounds wait for its task) throughout.
     init_run(dir, 3, |text| {
         text.replace("clients_per_round = 5", "clients_per_round = 3")
-            .replace("every = 1", "every = 3")
+            .replace("every = 1", "every = 4")
+            .replace("rounds = 3 ", "rounds = 4 ")
+            .replace("evict_after_failures = 3 ", "evict_after_failures = 5 ")
     });
     let (mut server, address) = start_server(dir, 1);
     let address: SocketAddr = address.trim().parse().unwrap();
@@ -552,7 +624,7 @@ fn bad_clients_are_refused_or_disconnected_and_the_rounds_complete_without_them(
             (status.version, status.connected_clients, status.paused),
             (0, 0, false)
         );
-        assert_eq!(status.target_rounds, Some(3));
+        assert_eq!(status.target_rounds, Some(4));
         // The runtime's figures: nothing aggregated yet, no instance started.
         let runtime = status.runtime.unwrap();
         assert_eq!(
@@ -585,7 +657,15 @@ fn bad_clients_are_refused_or_disconnected_and_the_rounds_complete_without_them(
     let mut honest: Vec<Process> = (0..2)
         .map(|i| start_client(dir, &address.to_string(), i, 2))
         .collect();
+    let config = ServerConfig::load(&dir.join("server.toml")).unwrap();
+    let (shape, classes) = config.data.dataset.shape(&config.data.synthetic);
+    let model = config.model.build(&shape, classes).unwrap();
     runtime.block_on(async {
+        // A well-formed upload naming a task never assigned is refused, and the forger's real task
+        // fails at once (it cannot hold its round with forgeries); the connection lives on.
+        let (code, open) = forged_upload(address, &ca, &rogue, model.layout()).await;
+        assert_eq!(code, ErrorCode::UnknownTask);
+        assert!(open, "a refused upload does not close the connection");
         for (how, expected) in [
             (Misbehaviour::Corrupted, ErrorCode::Malformed),
             (Misbehaviour::Truncated, ErrorCode::Malformed),
@@ -608,10 +688,10 @@ fn bad_clients_are_refused_or_disconnected_and_the_rounds_complete_without_them(
         );
     }
     let (versions, folded) = folded_tasks(dir);
-    assert_eq!(versions.last(), Some(&ModelVersion(3)));
+    assert_eq!(versions.last(), Some(&ModelVersion(4)));
     assert_eq!(
         folded.len(),
-        6,
+        8,
         "each round folded the two honest updates: {folded:?}"
     );
 }

@@ -4,6 +4,7 @@
 //! run) to each connection's outbox.
 
 use super::*;
+use absences::Absences;
 
 /// A connected client as the coordinator thread knows it.
 struct Connected {
@@ -24,11 +25,11 @@ pub(super) fn coordinate(
     let mut pause = Pause::default();
     let mut connected: HashMap<ClientId, Connected> = HashMap::new();
     // Registered clients without a connection, and when they count as gone.
-    let mut away: HashMap<ClientId, Instant> = HashMap::new();
+    let mut away = Absences::new(grace);
     // Clients the Coordinator still knows from the log: they have one grace period to come back.
     let started = Instant::now();
-    for (client, _) in run.coordinator().clients() {
-        away.insert(client, started + grace);
+    for (client, record) in run.coordinator().clients() {
+        away.left(client, record.task, started);
     }
     loop {
         let now = Instant::now();
@@ -36,7 +37,7 @@ pub(super) fn coordinate(
             let wait = at.as_micros().saturating_sub(run.now().as_micros());
             now + Duration::from_micros(wait)
         });
-        let deadline = away.values().copied().chain(timer).min();
+        let deadline = away.next_deadline().into_iter().chain(timer).min();
         let request = match deadline {
             Some(d) => match inbox.recv_timeout(d.saturating_duration_since(now)) {
                 Ok(r) => Some(r),
@@ -56,15 +57,13 @@ pub(super) fn coordinate(
             Some(Request::TopTask { task, version, x }) => run.top_task(task, version, x)?,
             Some(Request::TopFinished(version)) => run.top_finished(version)?,
             Some(request) => {
-                handle_request(&mut run, request, grace, &mut connected, &mut away, &mut outgoing)?;
+                handle_request(&mut run, request, &mut connected, &mut away, &mut outgoing)?;
             }
             None => {}
         }
         // Timers and grace periods that are due.
         let now = Instant::now();
-        let gone: Vec<ClientId> = away.iter().filter(|(_, d)| **d <= now).map(|(c, _)| *c).collect();
-        for client in gone {
-            away.remove(&client);
+        for client in away.gone(now) {
             if run.is_registered(client) {
                 tracing::info!(%client, "did not come back; its task is lost");
                 outgoing.extend(run.handle(Event::Left { client })?);
@@ -103,9 +102,8 @@ pub(super) fn coordinate(
 fn handle_request(
     run: &mut Run,
     request: Request,
-    grace: Duration,
     connected: &mut HashMap<ClientId, Connected>,
-    away: &mut HashMap<ClientId, Instant>,
+    away: &mut Absences,
     outgoing: &mut Vec<Outgoing>,
 ) -> Result<()> {
     match request {
@@ -130,7 +128,7 @@ fn handle_request(
                     "replaced by a newer connection".into(),
                 ));
             }
-            away.remove(&client);
+            away.back(client);
             let _ = reply.send(Ok((client, run.description())));
             if run.is_finished() {
                 return Ok(());
@@ -165,7 +163,9 @@ fn handle_request(
             let task = update.meta.task;
             let verdict = if update.meta.client != client {
                 let _ = std::fs::remove_file(&incoming);
-                UpdateVerdict::Refused(format!("{task} is not this client's"))
+                let why = format!("the update names {}, not this client", update.meta.client);
+                fail_forger(run, client, &why, outgoing)?;
+                UpdateVerdict::Refused(why)
             } else {
                 match run.offer_update(update, &incoming) {
                     Ok(Offer::Accepted(out)) => {
@@ -173,7 +173,12 @@ fn handle_request(
                         UpdateVerdict::Accepted
                     }
                     Ok(Offer::Duplicate) => UpdateVerdict::Accepted,
-                    Ok(Offer::Refused(e)) => UpdateVerdict::Refused(e.to_string()),
+                    Ok(Offer::Refused(e)) => {
+                        if run.coordinator().is_forged(&e) {
+                            fail_forger(run, client, &e.to_string(), outgoing)?;
+                        }
+                        UpdateVerdict::Refused(e.to_string())
+                    }
                     Err(OfferError::NotStored(e)) => {
                         tracing::error!(error = %format!("{e:#}"), %task, "could not store an update");
                         UpdateVerdict::Internal(format!("{e:#}"))
@@ -205,12 +210,25 @@ fn handle_request(
             if connected.get(&client).is_some_and(|c| c.connection == connection) {
                 connected.remove(&client);
                 if run.is_registered(client) {
-                    away.insert(client, Instant::now() + grace);
+                    let task = run.running_task_of(client).map(|r| r.task);
+                    away.left(client, task, Instant::now());
                 }
             }
         }
         // Answered by the coordinator loop itself.
         Request::Admin(_) | Request::TopTask { .. } | Request::TopFinished(_) | Request::Stop => {}
+    }
+    Ok(())
+}
+
+/// Fails (and cancels) the running task of `client`, which sent an upload no honest client sends
+/// (a task never assigned, another's task, a version it was never given): a client cannot hold
+/// its task by answering with forgeries, and each counts toward `evict_after_failures`.
+fn fail_forger(run: &mut Run, client: ClientId, why: &str, outgoing: &mut Vec<Outgoing>) -> Result<()> {
+    if let Some(task) = run.running_task_of(client).map(|r| r.task) {
+        tracing::warn!(%client, %task, why, "a forged upload fails the client's running task");
+        outgoing.push(Outgoing::Cancel { client, task });
+        outgoing.extend(run.handle(Event::TaskFailed { task })?);
     }
     Ok(())
 }
