@@ -299,6 +299,11 @@ impl ServerConfig {
         }
         ensure!(self.stop.rounds != Some(0), "[stop] rounds must be at least 1");
         ensure!(
+            self.storage.keep_versions != 1,
+            "[storage] keep_versions must be 0 (all) or at least 2: a damaged latest version is made \
+             again from the one before"
+        );
+        ensure!(
             self.server.max_payload_bytes >= 1,
             "[server] max_payload_bytes must be at least 1 (0 would refuse every update)"
         );
@@ -595,6 +600,7 @@ mod tests {
                 "max_payload_bytes",
             ),
             ("memory_mb = 2048", "memory_mb = 0", "memory_mb"),
+            ("keep_versions = 20", "keep_versions = 1", "keep_versions"),
         ] {
             assert!(base.contains(from), "the template sets `{from}`");
             let config: ServerConfig = toml::from_str(&base.replace(from, to)).unwrap();

@@ -168,6 +168,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Verify a stopped server's state: every version and update file against the index's hash,
+    /// the commit record against the index, the event log. Prints each finding; exits non-zero
+    /// when something is damaged, saying what the next start does about it.
+    Check {
+        /// The data directory.
+        dir: PathBuf,
+    },
     /// Drop an acknowledged update whose file is damaged or lost, so the run can start again: the
     /// version it was to be folded into is made without it. Its client was told it was accepted,
     /// so this loses its work — the last resort the start's error points to. Run it on a stopped
@@ -536,6 +543,24 @@ fn main() -> Result<()> {
             );
             Ok(())
         })?,
+        Command::Check { dir } => {
+            let config = shoal_server::config::ServerConfig::load(&DataDir::new(&dir).config())?;
+            let store = Store::open(&dir.join("state"), config.fingerprint())
+                .with_context(|| format!("opening the state of {}", dir.display()))?;
+            let report = store.check()?;
+            for finding in &report.findings {
+                println!(
+                    "{}  {}",
+                    if finding.ok { "ok     " } else { "DAMAGED" },
+                    finding.what
+                );
+            }
+            let problems = report.problems().count();
+            if problems > 0 {
+                anyhow::bail!("{problems} damaged in {}", dir.display());
+            }
+            println!("{} intact", dir.display());
+        }
         Command::DropUpdate { dir, task } => {
             let config = shoal_server::config::ServerConfig::load(&DataDir::new(&dir).config())?;
             let store = Store::open(&dir.join("state"), config.fingerprint())?;

@@ -203,6 +203,8 @@ pub struct Run {
     leaf: Option<LeafLink>,
     /// `feedback = "ef21"`: every client's memory `h_i`.
     ef21: Option<Ef21Memories>,
+    /// The newest version metrics.jsonl has a line for (from earlier starts).
+    recorded_through: Option<ModelVersion>,
 }
 
 impl Run {
@@ -252,15 +254,39 @@ impl Run {
         } else {
             None
         };
-        let committed = store.committed_version()?;
+        let mut committed = store.committed_version()?;
+        let initial = || {
+            let x0 = match &split {
+                Some(split) => split.initial(&model, config.seed),
+                None => model.init_params(config.seed).as_slice().to_vec(),
+            };
+            algorithm.server.init_state(x0)
+        };
         let state = match committed {
-            Some(v) => store.load_version(v).with_context(|| format!("restoring {v}"))?,
+            Some(v) => match store.load_version(v) {
+                Ok(state) => state,
+                Err(damage @ StoreError::File(_)) if v == ModelVersion(0) => {
+                    tracing::warn!(error = %damage, "the initial version's file is damaged; it is made again from the seed");
+                    let state = initial();
+                    store.commit_version(v, &state, Timestamp::ZERO, Vec::new())?;
+                    state
+                }
+                Err(damage @ StoreError::File(_)) => {
+                    let undone = store.undo_damaged_commit(v, &damage)?;
+                    tracing::warn!(
+                        error = %damage,
+                        from = %undone.previous,
+                        updates = undone.updates,
+                        "the latest version's file is damaged (kept beside it as .damaged); it is made \
+                         again from the version before and the updates folded into it"
+                    );
+                    committed = Some(undone.previous);
+                    undone.state
+                }
+                Err(e) => return Err(anyhow::Error::from(e).context(format!("restoring {v}"))),
+            },
             None => {
-                let x0 = match &split {
-                    Some(split) => split.initial(&model, config.seed),
-                    None => model.init_params(config.seed).as_slice().to_vec(),
-                };
-                let state = algorithm.server.init_state(x0);
+                let state = initial();
                 store.commit_version(ModelVersion(0), &state, Timestamp::ZERO, Vec::new())?;
                 state
             }
@@ -313,6 +339,7 @@ impl Run {
             window: FoldWindow::default(),
             finished,
             committed_metrics: Vec::new(),
+            recorded_through: None,
             split,
             leaf,
             ef21: None,

@@ -54,32 +54,62 @@ pub enum StoreError {
         /// The state directory.
         dir: String,
     },
-    /// The index is empty, but the directory holds a run's files: the index was lost or damaged.
+    /// The index is empty, but the directory holds a run: the index was lost or damaged.
     #[error(
-        "{dir}: the state index is empty but {files} version and update files are there, so the index \
-         (state/index) was lost or damaged; fl-server will not start a new run over them — restore \
+        "{dir}: the state index is empty but the run is there ({evidence}), so the index \
+         (state/index) was lost or damaged; fl-server will not start a new run over it — restore \
          state/index from a backup, or move state/ aside to start a new run"
     )]
     IndexLost {
         /// The state directory.
         dir: String,
-        /// Version and update files found.
-        files: usize,
+        /// What shows the run: its files, its commit record.
+        evidence: String,
     },
-    /// The index says an older version is committed than the files show: it rolled back.
+    /// The index says an older version is committed than the files or the commit record show: it
+    /// rolled back.
     #[error(
-        "{dir}: the state index says version {index} is the last committed, but version files up to \
-         {files} are there, so the index lost commits (damaged or restored from an old copy); \
-         fl-server will not serve an older run state than its clients have seen — restore a current \
-         state/index, or move state/ aside to start a new run"
+        "{dir}: the state index says version {index} is the last committed, but {evidence}, so the \
+         index lost commits (damaged or restored from an old copy); fl-server will not serve an \
+         older run state than its clients have seen — restore a current state/index, or move \
+         state/ aside to start a new run"
     )]
     IndexBehind {
         /// The state directory.
         dir: String,
         /// The last version the index holds (0 when it holds none).
         index: u64,
-        /// The newest version file.
-        files: u64,
+        /// The newer version the directory shows.
+        newer: u64,
+        /// What shows it.
+        evidence: String,
+    },
+    /// The index and the commit record outside it disagree on the committed version itself.
+    #[error(
+        "{dir}: the state index and state/committed.json disagree ({reason}); one of them is \
+         damaged or was copied from another run — `fl-server check DIR` verifies every file; \
+         restore state/ from a backup"
+    )]
+    IndexMismatch {
+        /// The state directory.
+        dir: String,
+        /// How they disagree.
+        reason: String,
+    },
+    /// The latest version's file is damaged and the version cannot be made again.
+    #[error(
+        "{dir}: the state of {version} is damaged ({damage}) and cannot be made again: {missing}; \
+         `fl-server check DIR` lists what is damaged — restore state/ from a backup"
+    )]
+    Unrecoverable {
+        /// The state directory.
+        dir: String,
+        /// The damaged version.
+        version: ModelVersion,
+        /// What is wrong with its file.
+        damage: String,
+        /// What a rebuild would need that is not there.
+        missing: String,
     },
     /// Another process holds the state directory.
     #[error("{dir} is in use by another process (an fl-server running on this data directory?)")]
@@ -173,6 +203,16 @@ pub struct PendingUpdate {
     pub hash: u64,
 }
 
+/// An update folded into the latest committed version, kept (its file and its index entry) until
+/// the next commit, so that version can be made again if its state file is damaged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct RetainedUpdate {
+    /// The version it was folded into.
+    version: u64,
+    /// Its entry as it was pending.
+    pending: PendingUpdate,
+}
+
 /// One update kept under `folded/VERSION/`: its file, weight and metadata.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KeptUpdate {
@@ -207,6 +247,9 @@ const NEXT_CLIENT: &[u8] = b"next_client";
 const RUN_ID: &[u8] = b"run_id";
 const FINISHED: &[u8] = b"finished";
 
+mod integrity;
+pub use integrity::{CommitRecord, Finding, StoreReport, Undone};
+
 fn key(n: u64) -> [u8; 8] {
     n.to_be_bytes()
 }
@@ -235,52 +278,10 @@ pub struct Store {
     events: sled::Tree,
     clients: sled::Tree,
     updates: sled::Tree,
+    /// Updates folded into the latest committed version (see [`RetainedUpdate`]).
+    retained: sled::Tree,
     versions: sled::Tree,
     next_event: u64,
-}
-
-/// Refuses an index that does not account for the files beside it: an empty index over a run's
-/// files (it was lost), or one that is more than a version behind the newest version file (it
-/// rolled back; one version ahead is a commit interrupted between its file and its index entry,
-/// which the replay redoes).
-fn check_index_against_files(dir: &Path, meta: &sled::Tree) -> Result<(), StoreError> {
-    let names = |sub: &str| -> Vec<String> {
-        std::fs::read_dir(dir.join(sub))
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let versions: Vec<u64> = names("versions")
-        .iter()
-        .filter_map(|n| n.strip_prefix('v')?.strip_suffix(".bin")?.parse().ok())
-        .collect();
-    let updates = names("updates").iter().filter(|n| n.ends_with(".bin")).count();
-    if meta.get(FINGERPRINT)?.is_none() {
-        if !versions.is_empty() || updates > 0 {
-            return Err(StoreError::IndexLost {
-                dir: dir.display().to_string(),
-                files: versions.len() + updates,
-            });
-        }
-        return Ok(());
-    }
-    let committed = meta.get(COMMITTED)?.as_deref().and_then(u64_value);
-    // With nothing committed, only version 0's file may be there (its commit was interrupted).
-    let allowed = committed.map_or(0, |c| c.saturating_add(1));
-    if let Some(newest) = versions.iter().copied().max()
-        && newest > allowed
-    {
-        return Err(StoreError::IndexBehind {
-            dir: dir.display().to_string(),
-            index: committed.unwrap_or(0),
-            files: newest,
-        });
-    }
-    Ok(())
 }
 
 impl Store {
@@ -296,7 +297,8 @@ impl Store {
         }
         let db = Self::open_index(dir)?;
         let meta = db.open_tree("meta")?;
-        check_index_against_files(dir, &meta)?;
+        let versions = db.open_tree("versions")?;
+        integrity::check_index(dir, &meta, &versions)?;
         match meta.get(FINGERPRINT)?.as_deref().and_then(u64_value) {
             Some(existing) if existing != fingerprint => {
                 return Err(StoreError::OtherRun {
@@ -327,16 +329,34 @@ impl Store {
             Some((k, _)) => u64_value(&k).map_or(0, |n| n + 1),
             None => 0,
         };
-        Ok(Self {
+        let store = Self {
             dir: dir.to_path_buf(),
             clients: db.open_tree("clients")?,
             updates: db.open_tree("updates")?,
-            versions: db.open_tree("versions")?,
+            retained: db.open_tree("retained")?,
+            versions,
             meta,
             events,
             db,
             next_event,
-        })
+        };
+        // A directory from before the commit record, or one stopped before its rewrite: write it.
+        if let Some(latest) = store.committed_version()?
+            && CommitRecord::read(dir)?.is_none_or(|r| r.version < latest.0)
+        {
+            store.write_commit_record(latest)?;
+        }
+        Ok(store)
+    }
+
+    fn write_commit_record(&self, version: ModelVersion) -> Result<(), StoreError> {
+        let hash = self.version_record(version)?.map_or(0, |r| r.hash);
+        CommitRecord {
+            run_id: self.run_id()?,
+            version: version.0,
+            hash,
+        }
+        .write(&self.dir)
     }
 
     /// Opens the sled index under `dir`. The lock of a process that just closed it can outlive
@@ -426,7 +446,10 @@ impl Store {
     }
 
     /// Writes the state of `version` and commits it: the version is recorded, becomes the
-    /// committed one, and the updates folded into it leave the index — atomically.
+    /// committed one, and the updates folded into it leave the index — atomically; then the
+    /// commit record outside the index is rewritten. The updates folded into `version` are
+    /// retained (index entry and file) until the next commit, those of the version before are
+    /// deleted: a damaged `version` file can be made again from the version before.
     pub fn commit_version(
         &self,
         version: ModelVersion,
@@ -444,18 +467,43 @@ impl Store {
             tasks,
         };
         let value = encode(&record);
-        (&self.meta, &self.versions, &self.updates)
-            .transaction(|(meta, versions, updates)| {
+        let mut retain = Vec::with_capacity(record.tasks.len());
+        for task in &record.tasks {
+            if let Some(pending) = self.pending_update(*task)? {
+                let kept = RetainedUpdate {
+                    version: version.0,
+                    pending,
+                };
+                retain.push((key(task.0), encode(&kept)));
+            }
+        }
+        let mut superseded = Vec::new();
+        for kv in self.retained.iter() {
+            let (_, value) = kv?;
+            let kept: RetainedUpdate = decode("retained", &value)?;
+            if kept.version < version.0 {
+                superseded.push(kept.pending.meta.task);
+            }
+        }
+        (&self.meta, &self.versions, &self.updates, &self.retained)
+            .transaction(|(meta, versions, updates, retained)| {
                 versions.insert(&key(version.0), value.as_slice())?;
                 meta.insert(COMMITTED, &key(version.0))?;
                 for task in &record.tasks {
                     updates.remove(&key(task.0))?;
                 }
+                for (task, kept) in &retain {
+                    retained.insert(task, kept.as_slice())?;
+                }
+                for task in &superseded {
+                    retained.remove(&key(task.0))?;
+                }
                 Ok::<(), ConflictableTransactionError<()>>(())
             })
             .map_err(transaction_error)?;
         self.db.flush()?;
-        for task in &record.tasks {
+        self.write_commit_record(version)?;
+        for task in &superseded {
             // Best effort: a file left behind is swept at the next start.
             let _ = std::fs::remove_file(Self::update_path(&self.dir, *task));
         }
@@ -659,7 +707,8 @@ impl Store {
         Ok(())
     }
 
-    /// Removes update files that no index entry names (written, then not acknowledged).
+    /// Removes update files that no index entry names, pending or retained (written, then not
+    /// acknowledged).
     pub fn sweep_orphans(&self) -> Result<usize, StoreError> {
         let mut removed = 0;
         if let Ok(entries) = std::fs::read_dir(self.dir.join("incoming")) {
@@ -680,7 +729,7 @@ impl Store {
                 .and_then(|n| n.strip_suffix(".bin"))
                 .and_then(|hex| u64::from_str_radix(hex, 16).ok());
             let keep = match task {
-                Some(t) => self.updates.contains_key(key(t))?,
+                Some(t) => self.updates.contains_key(key(t))? || self.retained.contains_key(key(t))?,
                 None => false,
             };
             if !keep {
@@ -736,23 +785,34 @@ mod tests {
         }
     }
 
+    /// Accepts an update of five bytes `task` for `task` at `at`, `wire` bytes on the wire.
+    fn accept(store: &mut Store, task: u64, at: Timestamp, wire: u64) {
+        let payload = vec![task as u8; 5];
+        let incoming = Store::incoming_path(&store.dir, task + 100);
+        files::write_atomic(&incoming, &[&payload]).unwrap();
+        let pending = PendingUpdate {
+            meta: meta(task),
+            part_bytes: vec![5],
+            hash: files::content_hash(&[&payload]),
+        };
+        store.accept_update(at, &pending, &incoming, wire).unwrap();
+    }
+
+    /// Commits version `v` (its state: the one value `v`) with `tasks` folded into it.
+    fn commit(store: &Store, v: u64, tasks: Vec<TaskId>) {
+        let state = ServerState::new(vec![v as f32]);
+        store
+            .commit_version(ModelVersion(v), &state, Timestamp::ZERO, tasks)
+            .unwrap();
+    }
+
     #[test]
     fn an_index_lost_or_rolled_back_is_refused_instead_of_starting_over() {
         let dir = tempfile::tempdir().unwrap();
-        let commit = |store: &Store, v: u64| {
-            store
-                .commit_version(
-                    ModelVersion(v),
-                    &ServerState::new(vec![v as f32]),
-                    Timestamp::ZERO,
-                    Vec::new(),
-                )
-                .unwrap();
-        };
         {
             let store = Store::open(dir.path(), 7).unwrap();
             for v in 0..=3 {
-                commit(&store, v);
+                commit(&store, v, Vec::new());
             }
         }
         // A version file one ahead of the index: an interrupted commit, which the replay redoes.
@@ -767,7 +827,7 @@ mod tests {
                 behind,
                 StoreError::IndexBehind {
                     index: 3,
-                    files: 5,
+                    newer: 5,
                     ..
                 }
             ),
@@ -776,9 +836,114 @@ mod tests {
         // The index gone (as sled's file truncated to nothing opens): refused, files untouched.
         std::fs::remove_dir_all(dir.path().join("index")).unwrap();
         let lost = Store::open(dir.path(), 7).err().expect("refused");
-        assert!(matches!(lost, StoreError::IndexLost { files: 6, .. }), "{lost}");
+        assert!(matches!(lost, StoreError::IndexLost { .. }), "{lost}");
+        assert!(lost.to_string().contains("6 version and update files"), "{lost}");
         assert!(lost.to_string().contains("will not start a new run"), "{lost}");
         assert!(ahead.exists());
+    }
+
+    #[test]
+    fn an_index_restored_from_an_older_copy_is_refused_by_the_commit_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = dir.path().join("index");
+        let copy = dir.path().join("index-copy");
+        {
+            let store = Store::open(dir.path(), 7).unwrap();
+            commit(&store, 0, Vec::new());
+            commit(&store, 1, Vec::new());
+        }
+        copy_dir(&index, &copy);
+        {
+            let store = Store::open(dir.path(), 7).unwrap();
+            commit(&store, 2, Vec::new());
+            commit(&store, 3, Vec::new());
+            assert_eq!(CommitRecord::read(dir.path()).unwrap().unwrap().version, 3);
+        }
+        // The version files of 2 and 3 gone as well: only the record shows the rollback.
+        for v in [2, 3] {
+            std::fs::remove_file(dir.path().join("versions").join(format!("v{v:08}.bin"))).unwrap();
+        }
+        std::fs::remove_dir_all(&index).unwrap();
+        std::fs::rename(&copy, &index).unwrap();
+        let behind = Store::open(dir.path(), 7).err().expect("refused");
+        assert!(
+            matches!(
+                behind,
+                StoreError::IndexBehind {
+                    index: 1,
+                    newer: 3,
+                    ..
+                }
+            ),
+            "{behind}"
+        );
+        assert!(
+            behind.to_string().contains("committed.json records version 3"),
+            "{behind}"
+        );
+        // The record naming the index's version with another hash: they disagree.
+        let mut record = CommitRecord::read(dir.path()).unwrap().unwrap();
+        record.version = 1;
+        record.hash ^= 1;
+        record.write(dir.path()).unwrap();
+        let mismatch = Store::open(dir.path(), 7).err().expect("refused");
+        assert!(matches!(mismatch, StoreError::IndexMismatch { .. }), "{mismatch}");
+        // The index lost altogether, no files left beside the record: still refused.
+        std::fs::remove_dir_all(&index).unwrap();
+        std::fs::remove_dir_all(dir.path().join("versions")).unwrap();
+        let lost = Store::open(dir.path(), 7).err().expect("refused");
+        assert!(matches!(lost, StoreError::IndexLost { .. }), "{lost}");
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap().flatten() {
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn the_updates_of_the_latest_version_are_retained_until_the_next_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path(), 7).unwrap();
+        for task in [1, 2] {
+            accept(&mut store, task, Timestamp::ZERO, 5);
+        }
+        commit(&store, 0, Vec::new());
+        commit(&store, 1, vec![TaskId(1)]);
+        commit(&store, 2, vec![TaskId(2)]);
+        // Version 2 folded task 2: it is retained (file and entry); task 1's is gone.
+        assert!(Store::update_path(dir.path(), TaskId(2)).exists());
+        assert!(!Store::update_path(dir.path(), TaskId(1)).exists());
+        assert!(store.pending_update(TaskId(2)).unwrap().is_none());
+        assert_eq!(
+            store.sweep_orphans().unwrap(),
+            0,
+            "a retained file is not an orphan"
+        );
+        let damage = StoreError::Record {
+            tree: "test",
+            reason: "damaged".into(),
+        };
+        let undone = store.undo_damaged_commit(ModelVersion(2), &damage).unwrap();
+        assert_eq!((undone.previous, undone.updates), (ModelVersion(1), 1));
+        assert_eq!(undone.state.x, vec![1.0]);
+        assert_eq!(store.committed_version().unwrap(), Some(ModelVersion(1)));
+        assert!(
+            store.pending_update(TaskId(2)).unwrap().is_some(),
+            "pending again"
+        );
+        assert_eq!(CommitRecord::read(dir.path()).unwrap().unwrap().version, 1);
+        assert!(store.check().unwrap().problems().next().is_none());
+        // Version 1's own updates are no longer retained: it cannot be undone in turn.
+        let refused = store.undo_damaged_commit(ModelVersion(1), &damage).err().unwrap();
+        assert!(matches!(refused, StoreError::Unrecoverable { .. }), "{refused}");
+        assert!(refused.to_string().contains("not retained"), "{refused}");
     }
 
     #[test]
@@ -817,17 +982,7 @@ mod tests {
                 )
                 .unwrap();
             for task in [1, 2] {
-                let payload = vec![task as u8; 5];
-                let incoming = Store::incoming_path(dir.path(), task + 100);
-                files::write_atomic(&incoming, &[&payload]).unwrap();
-                let pending = PendingUpdate {
-                    meta: meta(task),
-                    part_bytes: vec![5],
-                    hash: files::content_hash(&[&payload]),
-                };
-                store
-                    .accept_update(Timestamp::from_micros(task), &pending, &incoming, 40 + task)
-                    .unwrap();
+                accept(&mut store, task, Timestamp::from_micros(task), 40 + task);
             }
             std::fs::write(Store::incoming_path(dir.path(), 7), b"never accepted").unwrap();
             std::fs::write(Store::update_path(dir.path(), TaskId(99)), b"orphan").unwrap();

@@ -2,11 +2,10 @@
 //! the local-federation example end to end, the admin API, a server killed with SIGKILL in the middle of an
 //! aggregation that resumes and aggregates every acknowledged update exactly once, clients
 //! that are refused (no valid certificate), disconnected (truncated, oversized, corrupted
-//! uploads) or have their task failed (an upload for a task never assigned) while the rounds complete with the others, and split learning: three split clients
-//! with and without pipelining, and bad split streams reset or disconnected; and hierarchical
+//! uploads) or have their task failed (an upload for a task never assigned) while the rounds
+//! complete with the others, and split learning: three split clients with and without pipelining, and bad split streams reset or disconnected; and hierarchical
 //! aggregation: a top and two leaf fl-servers whose versions equal the flat aggregation of every
-//! client's update; and a damaged acknowledged update that blocks the start until the operator
-//! drops it.
+//! client's update.
 
 // Helpers outside #[test] functions unwrap too: a failure there is the test failing.
 #![allow(clippy::unwrap_used)]
@@ -769,104 +768,4 @@ fn bad_split_streams_are_reset_or_disconnected() {
     assert!(log.contains("split stream refused"), "{log}");
     assert!(log.contains("closing a connection for its split stream"), "{log}");
     let _ = server.child.kill();
-}
-
-/// fl-server's run without any network, as the daemon drives it: three clients join, one update
-/// is accepted, and the server stops before the round aggregates. With that update's file
-/// damaged, the next start refuses with the command that gets past it; `fl-server drop-update`
-/// drops it, and the run starts again, waiting for the round without it.
-#[test]
-fn a_damaged_acknowledged_update_blocks_the_start_until_the_operator_drops_it() {
-    use shoal_aggregators::Event;
-    use shoal_server::run::{Offer, Outgoing, ReceivedUpdate, Run};
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
-    init_run(dir, 0, |text| {
-        text.replace("clients_per_round = 5", "clients_per_round = 3")
-            .replace("enabled = true", "enabled = false")
-            .replace("dataset = \"mnist\"", "dataset = \"synthetic\"")
-    });
-    let config = ServerConfig::load(&dir.join("server.toml")).unwrap();
-    let mut server = Run::open(config.clone(), dir, None).unwrap();
-    let mut tasks = Vec::new();
-    for i in 0..3 {
-        let client = server.client_id(&format!("device-{i}")).unwrap();
-        for out in server
-            .handle(Event::Joined {
-                client,
-                num_samples: 10,
-            })
-            .unwrap()
-        {
-            if let Outgoing::Task {
-                client,
-                task,
-                version,
-                ..
-            } = out
-            {
-                tasks.push((client, task, version));
-            }
-        }
-    }
-    assert_eq!(tasks.len(), 3, "a round of three");
-    let (client, task, version) = tasks[0];
-    let layout = server.layout();
-    let values = vec![0.01f32; layout.len()];
-    let payload =
-        shoal_compression::encode(&shoal_compression::CodecSpec::identity(), &layout, &values, 0).unwrap();
-    let incoming = Store::incoming_path(server.state_dir(), 0);
-    shoal_server::files::write_atomic(&incoming, &[&payload]).unwrap();
-    let part_bytes = vec![payload.len() as u64];
-    let contribution = shoal_engine::decode_contribution(&payload, &part_bytes, &layout, 1, false).unwrap();
-    let update = ReceivedUpdate {
-        meta: UpdateMeta {
-            client,
-            task,
-            base_version: version,
-            num_samples: 10,
-            local_steps: 1,
-            loss: 0.5,
-            duration_s: 0.1,
-        },
-        wire_bytes: payload.len() as u64,
-        part_bytes,
-        hash: shoal_server::files::content_hash(&[&payload]),
-        contribution,
-    };
-    assert!(matches!(
-        server.offer_update(update, &incoming),
-        Ok(Offer::Accepted(_))
-    ));
-    server.flush().unwrap();
-    drop(server);
-
-    let stored = Store::update_path(&dir.join("state"), task);
-    let mut bytes = std::fs::read(&stored).unwrap();
-    bytes[40] ^= 0xff;
-    std::fs::write(&stored, bytes).unwrap();
-    let refused = Run::open(config.clone(), dir, None)
-        .err()
-        .expect("a damaged update blocks the start");
-    let message = format!("{refused:#}");
-    assert!(
-        message.contains(&format!("drop-update DIR --task {}", task.0)),
-        "{message}"
-    );
-
-    let dropped = run(Command::new(bin_dir().join("fl-server"))
-        .arg("drop-update")
-        .arg(dir)
-        .args(["--task", &task.0.to_string()]));
-    assert!(dropped.contains("dropped"), "{dropped}");
-    let restarted = Run::open(config, dir, None).unwrap();
-    assert_eq!(
-        restarted.version(),
-        ModelVersion(0),
-        "the round waits for the other two"
-    );
-    assert!(
-        restarted.running_task_of(client).is_none(),
-        "its task was answered"
-    );
 }

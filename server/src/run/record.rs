@@ -65,6 +65,9 @@ impl Run {
                 self.last_accuracy = accuracy;
                 self.best_accuracy = self.best_accuracy.into_iter().chain(accuracy).reduce(f64::max);
             }
+            if let Some(v) = record.get("version").and_then(serde_json::Value::as_u64) {
+                self.recorded_through = self.recorded_through.max(Some(ModelVersion(v)));
+            }
             let count = |key: &str| record.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0);
             self.bytes_up = self.bytes_up.max(count("bytes_up"));
             self.bytes_down = self.bytes_down.max(count("bytes_down"));
@@ -78,6 +81,11 @@ impl Run {
     }
 
     pub(super) fn record_version(&mut self, version: ModelVersion, updates: usize) -> Result<()> {
+        if self.recorded_through.is_some_and(|r| version <= r) {
+            // Made again after its damaged file was set aside: metrics.jsonl already has its line.
+            self.window.take();
+            return Ok(());
+        }
         let evaluation = match &self.eval {
             Some(test) if self.due_for_eval(version) => Some(
                 match &self.split {

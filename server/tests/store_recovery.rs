@@ -1,0 +1,245 @@
+//! fl-server's run driven without a network, as the daemon drives it, over a state directory
+//! damaged between two starts: a damaged acknowledged update blocks the start until the operator
+//! drops it; a damaged latest version is made again, bit for bit, from the version before and
+//! its retained updates; with the version before damaged too, the start is refused with what is
+//! missing; and `fl-server check` reports each case.
+
+// Helpers outside #[test] functions unwrap too: a failure there is the test failing.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use shoal_aggregators::Event;
+use shoal_core::{ClientId, ModelVersion, TaskId, UpdateMeta};
+use shoal_server::config::ServerConfig;
+use shoal_server::run::{Offer, Outgoing, ReceivedUpdate, Run};
+use shoal_server::store::Store;
+use std::path::Path;
+use std::process::Command;
+
+/// A data directory for rounds of three clients on synthetic data, without evaluation.
+fn three_client_run(dir: &Path) -> ServerConfig {
+    init_run(dir, 0, |text| {
+        text.replace("clients_per_round = 5", "clients_per_round = 3")
+            .replace("enabled = true", "enabled = false")
+            .replace("dataset = \"mnist\"", "dataset = \"synthetic\"")
+    });
+    ServerConfig::load(&dir.join("server.toml")).unwrap()
+}
+
+type Assignment = (ClientId, TaskId, ModelVersion);
+
+fn tasks_in(out: Vec<Outgoing>) -> Vec<Assignment> {
+    out.into_iter()
+        .filter_map(|o| match o {
+            Outgoing::Task {
+                client,
+                task,
+                version,
+                ..
+            } => Some((client, task, version)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Three clients join; the tasks of the first round.
+fn join_three(server: &mut Run) -> Vec<Assignment> {
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let client = server.client_id(&format!("device-{i}")).unwrap();
+        let out = server
+            .handle(Event::Joined {
+                client,
+                num_samples: 10,
+            })
+            .unwrap();
+        tasks.extend(tasks_in(out));
+    }
+    assert_eq!(tasks.len(), 3, "a round of three");
+    tasks
+}
+
+/// Offers an update of `value` everywhere for `assignment`, as a connection would; the tasks the
+/// acceptance gave out.
+fn offer(server: &mut Run, (client, task, version): Assignment, value: f32, upload: u64) -> Vec<Assignment> {
+    let layout = server.layout();
+    let values = vec![value; layout.len()];
+    let payload =
+        shoal_compression::encode(&shoal_compression::CodecSpec::identity(), &layout, &values, 0).unwrap();
+    let incoming = Store::incoming_path(server.state_dir(), upload);
+    shoal_server::files::write_atomic(&incoming, &[&payload]).unwrap();
+    let part_bytes = vec![payload.len() as u64];
+    let contribution = shoal_engine::decode_contribution(&payload, &part_bytes, &layout, 1, false).unwrap();
+    let update = ReceivedUpdate {
+        meta: UpdateMeta {
+            client,
+            task,
+            base_version: version,
+            num_samples: 10,
+            local_steps: 1,
+            loss: 0.5,
+            duration_s: 0.1,
+        },
+        wire_bytes: payload.len() as u64,
+        part_bytes,
+        hash: shoal_server::files::content_hash(&[&payload]),
+        contribution,
+    };
+    match server.offer_update(update, &incoming) {
+        Ok(Offer::Accepted(out)) => tasks_in(out),
+        other => panic!("{task} not accepted: {other:?}"),
+    }
+}
+
+fn damage(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn version_file(dir: &Path, v: u64) -> std::path::PathBuf {
+    dir.join("state").join("versions").join(format!("v{v:08}.bin"))
+}
+
+/// `fl-server check DIR`: whether it passed, and what it printed.
+fn check(dir: &Path) -> (bool, String) {
+    let out = Command::new(bin_dir().join("fl-server"))
+        .arg("check")
+        .arg(dir)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn a_damaged_latest_version_is_made_again_from_the_one_before_and_its_updates() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let config = three_client_run(dir);
+    let mut server = Run::open(config.clone(), dir, None).unwrap();
+    let mut round = join_three(&mut server);
+    let mut upload = 0;
+    for version in 1..=2u64 {
+        let mut next = Vec::new();
+        for (i, assignment) in round.into_iter().enumerate() {
+            upload += 1;
+            next.extend(offer(
+                &mut server,
+                assignment,
+                0.01 * (i as f32 + version as f32),
+                upload,
+            ));
+        }
+        assert_eq!(server.version(), ModelVersion(version));
+        round = next;
+    }
+    let model = server.global_model();
+    server.flush().unwrap();
+    drop(server);
+    let (intact, report) = check(dir);
+    assert!(intact, "{report}");
+    assert!(report.contains("3 retained updates intact"), "{report}");
+
+    // The latest version's file damaged: the start makes it again, equal bit for bit.
+    damage(&version_file(dir, 2));
+    let (intact, report) = check(dir);
+    assert!(!intact, "{report}");
+    assert!(
+        report.contains("the next start makes it again from v1"),
+        "{report}"
+    );
+    let restarted = Run::open(config.clone(), dir, None).unwrap();
+    assert_eq!(restarted.version(), ModelVersion(2));
+    assert_eq!(restarted.global_model(), model, "made again bit for bit");
+    drop(restarted);
+    assert!(version_file(dir, 2).with_extension("bin.damaged").exists());
+    let (intact, report) = check(dir);
+    assert!(intact, "made again and committed: {report}");
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        metrics.lines().count(),
+        3,
+        "one line per version, none twice: {metrics}"
+    );
+
+    // Both the latest and the one before damaged: refused with what is missing, nothing changed.
+    damage(&version_file(dir, 2));
+    damage(&version_file(dir, 1));
+    let refused = Run::open(config, dir, None).err().expect("refused");
+    let message = format!("{refused:#}");
+    assert!(message.contains("cannot be made again"), "{message}");
+    assert!(message.contains("v1, is not intact"), "{message}");
+    let (intact, report) = check(dir);
+    assert!(!intact, "{report}");
+    assert!(report.contains("it cannot be made again"), "{report}");
+}
+
+#[test]
+fn a_damaged_initial_version_is_made_again_from_the_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let config = three_client_run(dir);
+    let server = Run::open(config.clone(), dir, None).unwrap();
+    let model = server.global_model();
+    drop(server);
+    damage(&version_file(dir, 0));
+    let restarted = Run::open(config, dir, None).unwrap();
+    assert_eq!(restarted.version(), ModelVersion(0));
+    assert_eq!(restarted.global_model(), model);
+}
+
+/// One update accepted, the server stopped before the round aggregates. With that update's file
+/// damaged, the next start refuses with the command that gets past it; `fl-server drop-update`
+/// drops it, and the run starts again, waiting for the round without it.
+#[test]
+fn a_damaged_acknowledged_update_blocks_the_start_until_the_operator_drops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let config = three_client_run(dir);
+    let mut server = Run::open(config.clone(), dir, None).unwrap();
+    let round = join_three(&mut server);
+    let (client, task, _) = round[0];
+    offer(&mut server, round[0], 0.01, 0);
+    server.flush().unwrap();
+    drop(server);
+
+    damage(&Store::update_path(&dir.join("state"), task));
+    let (intact, report) = check(dir);
+    assert!(!intact, "{report}");
+    assert!(
+        report.contains(&format!("drop-update DIR --task {}", task.0)),
+        "{report}"
+    );
+    let refused = Run::open(config.clone(), dir, None)
+        .err()
+        .expect("a damaged update blocks the start");
+    let message = format!("{refused:#}");
+    assert!(
+        message.contains(&format!("drop-update DIR --task {}", task.0)),
+        "{message}"
+    );
+
+    let dropped = run(Command::new(bin_dir().join("fl-server"))
+        .arg("drop-update")
+        .arg(dir)
+        .args(["--task", &task.0.to_string()]));
+    assert!(dropped.contains("dropped"), "{dropped}");
+    let restarted = Run::open(config, dir, None).unwrap();
+    assert_eq!(
+        restarted.version(),
+        ModelVersion(0),
+        "the round waits for the other two"
+    );
+    assert!(
+        restarted.running_task_of(client).is_none(),
+        "its task was answered"
+    );
+}
