@@ -16,8 +16,9 @@
 //! [`Event::Timer`] — so an update that lands exactly on a deadline counts as on time.
 
 use crate::schedulers::Scheduler;
+use crate::snapshot::{CoreState, SavedRng, Snapshot, SnapshotError};
+use chacha20::ChaCha12Rng;
 use rand::SeedableRng;
-use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 use shoal_core::{ClientId, ModelVersion, TaskId, Timestamp, UpdateMeta};
 use std::collections::{BTreeMap, BTreeSet};
@@ -245,6 +246,12 @@ struct IdleSet {
 }
 
 impl IdleSet {
+    /// The set of `members`, in that order (a snapshot's).
+    fn from_members(members: Vec<ClientId>) -> Self {
+        let position = members.iter().enumerate().map(|(i, c)| (*c, i)).collect();
+        Self { members, position }
+    }
+
     fn insert(&mut self, client: ClientId) {
         if let std::collections::hash_map::Entry::Vacant(e) = self.position.entry(client) {
             e.insert(self.members.len());
@@ -278,7 +285,7 @@ pub struct Core {
     next_task: u64,
     pending_folds: usize,
     timers: BTreeSet<Timestamp>,
-    rng: StdRng,
+    rng: ChaCha12Rng,
     /// The run's seed, which task seeds derive from.
     seed: u64,
     stats: CoordinatorStats,
@@ -308,7 +315,7 @@ impl Core {
             next_task: 0,
             pending_folds: 0,
             timers: BTreeSet::new(),
-            rng: StdRng::seed_from_u64(seed),
+            rng: ChaCha12Rng::seed_from_u64(seed),
             seed,
             stats: CoordinatorStats::default(),
             evict_after_failures,
@@ -747,12 +754,61 @@ impl Coordinator {
     pub fn scheduler_name(&self) -> &'static str {
         self.scheduler.name()
     }
+
+    /// Its whole state (not its configuration) as bytes: see [`crate::snapshot`].
+    pub fn snapshot(&self) -> Vec<u8> {
+        let core = &self.core;
+        let state = CoreState {
+            now: core.now,
+            version: core.version,
+            clients: core.clients.clone(),
+            idle: core.idle.members.clone(),
+            total_samples: core.total_samples,
+            running: core.running.clone(),
+            held: core.held.clone(),
+            next_task: core.next_task,
+            pending_folds: core.pending_folds,
+            timers: core.timers.clone(),
+            rng: SavedRng::save(&core.rng),
+            stats: core.stats,
+            population: core.population.clone(),
+            population_at_last_aggregate: core.population_at_last_aggregate,
+        };
+        let snapshot = Snapshot::new(self.scheduler.name(), state, self.scheduler.save_state());
+        crate::snapshot::encode_state(&snapshot)
+    }
+
+    /// Takes the state of a [`Coordinator::snapshot`] of a Coordinator of the same configuration;
+    /// nothing changes when it is refused.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), SnapshotError> {
+        let snapshot = Snapshot::decode(bytes, self.scheduler.name())?;
+        self.scheduler.load_state(&snapshot.scheduler_state)?;
+        let state = snapshot.core;
+        let core = &mut self.core;
+        core.now = state.now;
+        core.version = state.version;
+        core.clients = state.clients;
+        core.idle = IdleSet::from_members(state.idle);
+        core.total_samples = state.total_samples;
+        core.running = state.running;
+        core.held = state.held;
+        core.next_task = state.next_task;
+        core.pending_folds = state.pending_folds;
+        core.timers = state.timers;
+        core.rng = state.rng.restore();
+        core.stats = state.stats;
+        core.population = state.population;
+        core.population_at_last_aggregate = state.population_at_last_aggregate;
+        core.out.clear();
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::RngExt;
+    use rand::rngs::StdRng;
     use std::collections::BTreeSet;
 
     #[test]

@@ -28,6 +28,7 @@ pub mod rule;
 pub mod rules;
 pub mod schedulers;
 pub mod seed;
+pub mod snapshot;
 pub mod staleness;
 
 pub use accumulator::{Accumulator, FoldError};

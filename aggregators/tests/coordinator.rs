@@ -1,6 +1,7 @@
 //! The Coordinator's guarantees over long random runs — every accepted update aggregated or
 //! discarded exactly once, FedCompass' step counts within bounds and no client blocked past its
-//! group's latest time — and its refusals: bad events, invalid rule–scheduler pairs, eviction.
+//! group's latest time — its snapshots (a restored Coordinator decides what the original did),
+//! and its refusals: bad events, invalid rule–scheduler pairs, eviction, foreign snapshots.
 
 mod driver;
 
@@ -193,6 +194,66 @@ proptest! {
         prop_assert!(versions.iter().enumerate().all(|(k, &v)| v == k as u64 + 1));
         prop_assert!(!driver.log.aggregations.is_empty());
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(30))]
+
+    /// Any scheduler, snapshotted after any event of a random run (joins, failures, a departure,
+    /// timers) and restored into a Coordinator built from the same configuration: fed the events
+    /// after the snapshot, it makes exactly the decisions the original made.
+    #[test]
+    fn a_coordinator_restored_from_a_snapshot_decides_what_the_original_decided(
+        kind in 0u8..5,
+        clients in 1usize..10,
+        seed in any::<u64>(),
+        cut in 0.0f64..1.0,
+    ) {
+        let (rule, scheduler) = scheduler_for(kind, clients);
+        let (step, _) = random_speeds(clients, seed);
+        let config = AlgorithmConfig { local_steps: 5, ..AlgorithmConfig::new(rule, scheduler) };
+        let mut driver = Driver::new(config.clone(), seed, (0..clients as u64).map(|i| 10 + i).collect(), step)
+            .with_failures(move |i, job| (i as u64 + job) % 7 == 0);
+        driver.join_all();
+        driver.run(Timestamp::from_secs_f64(0.5), usize::MAX);
+        driver.leave(0);
+        driver.run(Timestamp::from_secs_f64(1.0), usize::MAX);
+        let events = driver.log.batches.clone();
+        let k = ((cut * events.len() as f64) as usize).min(events.len());
+        let (_, mut original) = config.build(seed).expect("valid");
+        for (at, event, commands) in &events[..k] {
+            prop_assert_eq!(&original.handle(*at, event.clone()).expect("accepted"), commands);
+        }
+        let snapshot = original.snapshot();
+        let (_, mut restored) = config.build(seed).expect("valid");
+        restored.restore(&snapshot).expect("restores");
+        prop_assert_eq!(restored.snapshot(), snapshot, "the same state, byte for byte");
+        for (at, event, commands) in &events[k..] {
+            prop_assert_eq!(&restored.handle(*at, event.clone()).expect("accepted"), commands);
+        }
+    }
+}
+
+#[test]
+fn a_snapshot_of_another_scheduler_or_damaged_is_refused_and_changes_nothing() {
+    let (_, mut fedbuff_run) = fedbuff().build(1).expect("valid");
+    fedbuff_run
+        .handle(
+            Timestamp::from_secs_f64(1.0),
+            Event::Joined {
+                client: ClientId(1),
+                num_samples: 10,
+            },
+        )
+        .expect("joins");
+    let snapshot = fedbuff_run.snapshot();
+    let (rule, scheduler) = scheduler_for(0, 4);
+    let (_, mut sync_run) = AlgorithmConfig::new(rule, scheduler).build(1).expect("valid");
+    let before = sync_run.snapshot();
+    let other = sync_run.restore(&snapshot).expect_err("another scheduler");
+    assert!(other.to_string().contains("fedbuff"), "{other}");
+    assert!(sync_run.restore(&snapshot[..snapshot.len() / 2]).is_err());
+    assert_eq!(sync_run.snapshot(), before);
 }
 
 fn fedbuff() -> AlgorithmConfig {

@@ -153,6 +153,15 @@ pub struct StorageConfig {
     /// `fl-server audit` can fold a version again, flat, and compare.
     #[serde(default)]
     pub keep_updates: bool,
+    /// Versions between two snapshots of the Coordinator; each lets the event log drop what the
+    /// snapshot before it covers, so a restart replays at most about twice this many versions'
+    /// events (0: never, the log is replayed whole).
+    #[serde(default = "default_snapshot_every")]
+    pub snapshot_every: u64,
+}
+
+fn default_snapshot_every() -> u64 {
+    50
 }
 
 impl Default for StorageConfig {
@@ -160,6 +169,7 @@ impl Default for StorageConfig {
         Self {
             keep_versions: default_keep(),
             keep_updates: false,
+            snapshot_every: default_snapshot_every(),
         }
     }
 }
@@ -447,6 +457,7 @@ max_payload_bytes = 1073741824
 [storage]
 keep_versions = 20             # model versions whose files are kept (0: all)
 keep_updates = false           # keep folded updates under state/folded/ for `fl-server audit`
+snapshot_every = 50            # versions between Coordinator snapshots, which compact the event log (0: never)
 
 [runtime]                      # the aggregation runtime (serverless workers, leaf → middle → top)
 mode = "eager"                 # eager: fold each update as it arrives; lazy: all at the end

@@ -15,7 +15,7 @@ use crate::config::{FederationConfig, ServerConfig};
 use crate::ef21_memory::Ef21Memories;
 use crate::runtime::{Runtime, RuntimeStats};
 use crate::split::SplitRun;
-use crate::store::{PendingUpdate, Store, StoreError};
+use crate::store::{PendingUpdate, RunSnapshot, Store, StoreError, task_ranges, tasks_in};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use shoal_aggregators::{Accumulator, Broadcast, Command, Coordinator, CoordinatorError, Event, TaskRecord};
@@ -205,6 +205,8 @@ pub struct Run {
     ef21: Option<Ef21Memories>,
     /// The newest version metrics.jsonl has a line for (from earlier starts).
     recorded_through: Option<ModelVersion>,
+    /// Versions committed since the last snapshot (see [`Run::snapshot_when_due`]).
+    since_snapshot: u64,
 }
 
 impl Run {
@@ -340,6 +342,7 @@ impl Run {
             finished,
             committed_metrics: Vec::new(),
             recorded_through: None,
+            since_snapshot: 0,
             split,
             leaf,
             ef21: None,
@@ -358,12 +361,24 @@ impl Run {
     /// Feeds the logged events to the fresh Coordinator, carrying out only what is not yet
     /// durable (folds of uncommitted updates, aggregations after the committed version).
     fn replay(&mut self) -> Result<()> {
-        let events: Vec<(Timestamp, Event, u64)> = self.store.events().collect::<Result<_, StoreError>>()?;
-        let count = events.len();
         let mut last = Timestamp::ZERO;
         // Every accepted update's bytes, from the log: the metrics of the starts before miss those
         // accepted after their last record.
         let mut bytes_up = 0u64;
+        let mut from = 0;
+        if let Some(snapshot) = self.store.snapshot(self.committed)? {
+            self.coordinator
+                .restore(&snapshot.coordinator)
+                .context("restoring the Coordinator from its snapshot")?;
+            self.accepted.extend(tasks_in(&snapshot.accepted));
+            bytes_up = snapshot.bytes_up;
+            self.bytes_down = self.bytes_down.max(snapshot.bytes_down);
+            last = snapshot.at;
+            from = snapshot.through;
+        }
+        let events: Vec<(Timestamp, Event, u64)> =
+            self.store.events_from(from).collect::<Result<_, StoreError>>()?;
+        let count = events.len();
         for (at, event, bytes) in events {
             last = at;
             bytes_up = bytes_up.saturating_add(bytes);
@@ -380,9 +395,10 @@ impl Run {
         self.bytes_up = self.bytes_up.max(bytes_up);
         self.clock_base = last;
         self.clock_start = Instant::now();
-        if count > 0 {
+        if count > 0 || from > 0 {
             tracing::info!(
                 events = count,
+                snapshot_through = from,
                 version = %self.coordinator.version(),
                 committed = %self.committed,
                 pending = self.coordinator.held_updates() + self.coordinator.pending_folds(),
@@ -500,11 +516,49 @@ impl Run {
         let now = self.now();
         self.store.log_event(now, &event)?;
         match self.coordinator.handle(now, event) {
-            Ok(commands) => self.carry_out(commands, false),
+            Ok(commands) => {
+                let out = self.carry_out(commands, false)?;
+                self.snapshot_when_due();
+                Ok(out)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "event refused by the Coordinator");
                 Ok(Vec::new())
             }
+        }
+    }
+
+    /// Snapshots the Coordinator (and what the run counts from the log) once `[storage]
+    /// snapshot_every` versions were committed since the last, at an event after which no fold
+    /// is open (a snapshot then holds everything the events before it decided), and lets the
+    /// log drop what the snapshot before covers. A failure leaves the log whole, so it is only
+    /// logged. A federation leaf's exchange with its top is not in a snapshot: a leaf replays
+    /// its whole log.
+    fn snapshot_when_due(&mut self) {
+        let every = self.config.storage.snapshot_every;
+        if every == 0
+            || self.since_snapshot < every
+            || self.coordinator.pending_folds() > 0
+            || self.leaf.is_some()
+            || self.finished
+        {
+            return;
+        }
+        let snapshot = RunSnapshot {
+            through: self.store.next_event(),
+            at: self.now(),
+            version: self.coordinator.version(),
+            coordinator: self.coordinator.snapshot(),
+            accepted: task_ranges(&self.accepted),
+            bytes_up: self.bytes_up,
+            bytes_down: self.bytes_down,
+        };
+        match self.store.save_snapshot(&snapshot) {
+            Ok(()) => {
+                self.since_snapshot = 0;
+                tracing::debug!(version = %snapshot.version, through = snapshot.through, "snapshot of the run");
+            }
+            Err(e) => tracing::warn!(error = %e, "could not snapshot the run; its event log stays whole"),
         }
     }
 
@@ -587,9 +641,9 @@ impl Run {
             .coordinator
             .handle(now, Event::UpdateArrived(meta))
             .map_err(|e| OfferError::RunFailed(e.into()))?;
-        self.carry_out(commands, false)
-            .map(Offer::Accepted)
-            .map_err(OfferError::RunFailed)
+        let out = self.carry_out(commands, false).map_err(OfferError::RunFailed)?;
+        self.snapshot_when_due();
+        Ok(Offer::Accepted(out))
     }
 
     /// Rewrites the update file at `incoming` as the dense `parts` it folds (identity payloads,
@@ -773,6 +827,7 @@ impl Run {
             .commit_version(version, self.core.state(), self.now(), tasks)
             .with_context(|| format!("committing {version}"))?;
         self.committed = version;
+        self.since_snapshot += 1;
         self.store.prune_versions(self.config.storage.keep_versions)?;
         let head = self.split.as_ref().map(|s| s.head_dim());
         self.broadcast = SharedBroadcast::new(version, &self.core.broadcast(), head);

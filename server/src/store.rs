@@ -248,7 +248,9 @@ const RUN_ID: &[u8] = b"run_id";
 const FINISHED: &[u8] = b"finished";
 
 mod integrity;
+mod snapshot;
 pub use integrity::{CommitRecord, Finding, StoreReport, Undone};
+pub use snapshot::{RunSnapshot, task_ranges, tasks_in};
 
 fn key(n: u64) -> [u8; 8] {
     n.to_be_bytes()
@@ -329,7 +331,7 @@ impl Store {
             Some((k, _)) => u64_value(&k).map_or(0, |n| n + 1),
             None => 0,
         };
-        let store = Self {
+        let mut store = Self {
             dir: dir.to_path_buf(),
             clients: db.open_tree("clients")?,
             updates: db.open_tree("updates")?,
@@ -340,6 +342,8 @@ impl Store {
             db,
             next_event,
         };
+        // Events below a snapshot's end may be compacted away: new ones are numbered past it.
+        store.next_event = store.next_event.max(store.snapshot_ends());
         // A directory from before the commit record, or one stopped before its rewrite: write it.
         if let Some(latest) = store.committed_version()?
             && CommitRecord::read(dir)?.is_none_or(|r| r.version < latest.0)
@@ -673,15 +677,7 @@ impl Store {
     /// The logged events, oldest first, each with the bytes its client sent when it is an
     /// accepted update (0 otherwise, and for updates logged before the bytes were).
     pub fn events(&self) -> impl Iterator<Item = Result<(Timestamp, Event, u64), StoreError>> + '_ {
-        self.events.iter().map(|kv| {
-            let (_, v) = kv?;
-            let entry: LogEntry = decode("events", &v)?;
-            let bytes = match &entry.event {
-                LoggedEvent::Accepted { wire_bytes, .. } => *wire_bytes,
-                _ => 0,
-            };
-            Ok((entry.at, entry.event.into(), bytes))
-        })
+        self.events_from(0)
     }
 
     /// An acknowledged update not yet in a committed version.
@@ -757,6 +753,16 @@ impl Store {
         self.db.flush()?;
         Ok(())
     }
+}
+
+/// A logged event with its time and, for an accepted update, the bytes its client sent.
+fn log_entry(value: &[u8]) -> Result<(Timestamp, Event, u64), StoreError> {
+    let entry: LogEntry = decode("events", value)?;
+    let bytes = match &entry.event {
+        LoggedEvent::Accepted { wire_bytes, .. } => *wire_bytes,
+        _ => 0,
+    };
+    Ok((entry.at, entry.event.into(), bytes))
 }
 
 fn transaction_error(e: TransactionError<()>) -> StoreError {

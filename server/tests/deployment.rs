@@ -302,9 +302,11 @@ fn a_server_killed_mid_aggregation_resumes_and_aggregates_each_acknowledged_upda
     let clients = 5;
     let rounds = 4;
     init_run(dir, clients, |text| {
+        // A snapshot after every version: the restart restores one and replays the log after it.
         text.replace("rounds = 3", &format!("rounds = {rounds}"))
             .replace("reconnect_grace_s = 30", "reconnect_grace_s = 20")
             .replace("every = 1", "every = 4")
+            .replace("snapshot_every = 50", "snapshot_every = 1")
     });
     let (mut server, address) = start_server(dir, 1);
     // The restarted server must listen where the clients reconnect to.
@@ -369,6 +371,14 @@ fn a_server_killed_mid_aggregation_resumes_and_aggregates_each_acknowledged_upda
     );
     let restored = std::fs::read_to_string(&server.log).unwrap();
     assert!(restored.contains("restored the run from its log"), "{restored}");
+    assert!(
+        dir.join("state").join("snapshot.bin").exists(),
+        "the run was snapshotted"
+    );
+    assert!(
+        restored.contains("snapshot_through=") && !restored.contains("snapshot_through=0 "),
+        "the restart began at a snapshot: {restored}"
+    );
 }
 
 /// Connects as `identity` and says Hello (able to run split heads); the endpoint, the

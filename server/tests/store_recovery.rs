@@ -2,7 +2,8 @@
 //! damaged between two starts: a damaged acknowledged update blocks the start until the operator
 //! drops it; a damaged latest version is made again, bit for bit, from the version before and
 //! its retained updates; with the version before damaged too, the start is refused with what is
-//! missing; and `fl-server check` reports each case.
+//! missing; `fl-server check` reports each case; and a run whose event log is compacted behind
+//! Coordinator snapshots restarts into the same state as one that replays its whole log.
 
 // Helpers outside #[test] functions unwrap too: a failure there is the test failing.
 #![allow(clippy::unwrap_used)]
@@ -20,10 +21,17 @@ use std::process::Command;
 
 /// A data directory for rounds of three clients on synthetic data, without evaluation.
 fn three_client_run(dir: &Path) -> ServerConfig {
+    three_client_run_with(dir, |text| text)
+}
+
+fn three_client_run_with(dir: &Path, edit: impl Fn(String) -> String) -> ServerConfig {
     init_run(dir, 0, |text| {
-        text.replace("clients_per_round = 5", "clients_per_round = 3")
-            .replace("enabled = true", "enabled = false")
-            .replace("dataset = \"mnist\"", "dataset = \"synthetic\"")
+        edit(
+            text.replace("clients_per_round = 5", "clients_per_round = 3")
+                .replace("enabled = true", "enabled = false")
+                .replace("dataset = \"mnist\"", "dataset = \"synthetic\"")
+                .replace("rounds = 3 ", "rounds = 100 "),
+        )
     });
     ServerConfig::load(&dir.join("server.toml")).unwrap()
 }
@@ -242,4 +250,113 @@ fn a_damaged_acknowledged_update_blocks_the_start_until_the_operator_drops_it() 
         restarted.running_task_of(client).is_none(),
         "its task was answered"
     );
+}
+
+/// What two runs must agree on after a restart: the version, the running tasks, the
+/// Coordinator's counters and the model's bits.
+#[derive(Debug, PartialEq)]
+struct Observed {
+    version: ModelVersion,
+    running: Vec<(TaskId, ClientId, ModelVersion)>,
+    stats: String,
+    model: Vec<u32>,
+}
+
+fn observed(server: &Run) -> Observed {
+    let mut running: Vec<_> = server
+        .coordinator()
+        .running_tasks()
+        .map(|r| (r.task, r.client, r.version))
+        .collect();
+    running.sort();
+    Observed {
+        version: server.version(),
+        running,
+        stats: format!("{:?}", server.coordinator().stats()),
+        model: server.global_model().iter().map(|v| v.to_bits()).collect(),
+    }
+}
+
+#[test]
+fn a_run_restarted_from_a_snapshot_is_the_run_restarted_from_its_whole_log() {
+    let every = 2;
+    let (compacted, whole) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let configs = [
+        three_client_run_with(compacted.path(), |t| {
+            t.replace("snapshot_every = 50", "snapshot_every = 2")
+        }),
+        three_client_run_with(whole.path(), |t| {
+            t.replace("snapshot_every = 50", "snapshot_every = 0")
+        }),
+    ];
+    let dirs = [compacted.path(), whole.path()];
+    let mut servers: Vec<Run> = (0..2)
+        .map(|i| Run::open(configs[i].clone(), dirs[i], None).unwrap())
+        .collect();
+    let mut rounds: Vec<Vec<Assignment>> = servers.iter_mut().map(join_three).collect();
+    let versions = 9u64;
+    let mut upload = 0;
+    for version in 1..=versions {
+        for (server, round) in servers.iter_mut().zip(rounds.iter_mut()) {
+            let mut next = Vec::new();
+            for (i, assignment) in round.drain(..).enumerate() {
+                upload += 1;
+                next.extend(offer(
+                    server,
+                    assignment,
+                    0.01 * (i as f32 + 1.0) / version as f32,
+                    upload,
+                ));
+            }
+            assert_eq!(server.version(), ModelVersion(version));
+            *round = next;
+        }
+    }
+    // One update of the next round accepted, then both stop.
+    for (server, round) in servers.iter_mut().zip(rounds.iter_mut()) {
+        upload += 1;
+        offer(server, round.remove(0), 0.02, upload);
+        server.flush().unwrap();
+    }
+    let before: Vec<_> = servers.iter().map(observed).collect();
+    assert_eq!(before[0], before[1], "the same run");
+    drop(servers);
+
+    let logged: Vec<usize> = (0..2)
+        .map(|i| {
+            let store = Store::open(&dirs[i].join("state"), configs[i].fingerprint()).unwrap();
+            store.logged_events()
+        })
+        .collect();
+    let per_version = logged[1] as f64 / versions as f64;
+    assert!(
+        (logged[0] as f64) <= (2 * every + 1) as f64 * per_version + 3.0,
+        "the compacted log keeps the events after the older snapshot: {logged:?}"
+    );
+    assert!(logged[0] * 2 < logged[1], "{logged:?}");
+
+    let mut servers: Vec<Run> = (0..2)
+        .map(|i| Run::open(configs[i].clone(), dirs[i], None).unwrap())
+        .collect();
+    let after: Vec<_> = servers.iter().map(observed).collect();
+    assert_eq!(
+        after[0], after[1],
+        "restored from a snapshot as from the whole log"
+    );
+    assert_eq!(after[0], before[0], "and as it was");
+    // They go on to decide alike: the round completes in both with the same tasks.
+    for (server, round) in servers.iter_mut().zip(rounds.iter_mut()) {
+        for assignment in round.drain(..) {
+            upload += 1;
+            offer(server, assignment, 0.03, upload);
+        }
+        assert_eq!(server.version(), ModelVersion(versions + 1));
+    }
+    assert_eq!(observed(&servers[0]), observed(&servers[1]));
+    let (intact, report) = {
+        drop(servers);
+        check(dirs[0])
+    };
+    assert!(intact, "{report}");
+    assert!(report.contains("Coordinator snapshot at"), "{report}");
 }

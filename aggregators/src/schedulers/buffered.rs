@@ -219,4 +219,13 @@ impl super::Scheduler for Buffered {
     }
 
     fn on_timer(&mut self, _core: &mut Core) {}
+
+    fn save_state(&self) -> Vec<u8> {
+        crate::snapshot::encode_state(&self.buffered)
+    }
+
+    fn load_state(&mut self, bytes: &[u8]) -> Result<(), crate::snapshot::SnapshotError> {
+        self.buffered = crate::snapshot::decode_state(bytes)?;
+        Ok(())
+    }
 }

@@ -103,7 +103,7 @@ impl FedCompassConfig {
 }
 
 /// What the scheduler knows about one client.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct CompassClient {
     /// Estimated microseconds per local step; unknown until the first delivery.
     speed: Option<f64>,
@@ -112,7 +112,7 @@ struct CompassClient {
 }
 
 /// An arrival group.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct Group {
     /// Clients still expected.
     members: BTreeSet<ClientId>,
@@ -125,7 +125,7 @@ struct Group {
 }
 
 /// A held update and what its weight needs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Held {
     task: TaskId,
     base: ModelVersion,
@@ -398,5 +398,14 @@ impl super::Scheduler for FedCompass {
 
     fn on_timer(&mut self, core: &mut Core) {
         self.fire_due_groups(core, true);
+    }
+
+    fn save_state(&self) -> Vec<u8> {
+        crate::snapshot::encode_state(&(&self.clients, &self.groups, self.next_group, &self.general))
+    }
+
+    fn load_state(&mut self, bytes: &[u8]) -> Result<(), crate::snapshot::SnapshotError> {
+        (self.clients, self.groups, self.next_group, self.general) = crate::snapshot::decode_state(bytes)?;
+        Ok(())
     }
 }

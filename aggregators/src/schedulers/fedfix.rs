@@ -140,4 +140,13 @@ impl super::Scheduler for FedFix {
         core.wake_at(instant);
         self.start_idle(core);
     }
+
+    fn save_state(&self) -> Vec<u8> {
+        crate::snapshot::encode_state(&(self.next_instant, self.started_at))
+    }
+
+    fn load_state(&mut self, bytes: &[u8]) -> Result<(), crate::snapshot::SnapshotError> {
+        (self.next_instant, self.started_at) = crate::snapshot::decode_state(bytes)?;
+        Ok(())
+    }
 }

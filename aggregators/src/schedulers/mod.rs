@@ -24,6 +24,7 @@ pub mod sync;
 use crate::config::ConfigError;
 use crate::coordinator::{Arrival, Core, TaskRecord};
 use crate::rule::Aggregation;
+use crate::snapshot::SnapshotError;
 use serde::{Deserialize, Serialize};
 use shoal_core::ClientId;
 use std::fmt::Debug;
@@ -42,6 +43,10 @@ pub(crate) trait Scheduler: Debug + Send {
     fn on_arrival(&mut self, core: &mut Core, arrival: Arrival);
     /// A requested wake-up time has come.
     fn on_timer(&mut self, core: &mut Core);
+    /// Its state (not its configuration, which the run builds again) for a snapshot.
+    fn save_state(&self) -> Vec<u8>;
+    /// Takes back the state [`Scheduler::save_state`] wrote.
+    fn load_state(&mut self, bytes: &[u8]) -> Result<(), SnapshotError>;
 }
 
 /// How much each client's updates count (`p_i`).

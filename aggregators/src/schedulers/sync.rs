@@ -91,7 +91,7 @@ impl SyncConfig {
 }
 
 /// One open round.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Round {
     /// Updates to collect, `m`.
     target: usize,
@@ -247,5 +247,14 @@ impl super::Scheduler for SyncRounds {
 
     fn on_timer(&mut self, core: &mut Core) {
         self.progress(core);
+    }
+
+    fn save_state(&self) -> Vec<u8> {
+        crate::snapshot::encode_state(&self.round)
+    }
+
+    fn load_state(&mut self, bytes: &[u8]) -> Result<(), crate::snapshot::SnapshotError> {
+        self.round = crate::snapshot::decode_state(bytes)?;
+        Ok(())
     }
 }

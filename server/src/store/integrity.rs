@@ -325,8 +325,25 @@ impl Store {
             }
         }
         report.push(true, format!("{retained} retained updates intact"));
+        let from = match self.snapshot(committed.unwrap_or(ModelVersion(0))) {
+            Ok(Some(snapshot)) => {
+                report.push(
+                    true,
+                    format!(
+                        "Coordinator snapshot at {} through event {}",
+                        snapshot.version, snapshot.through
+                    ),
+                );
+                snapshot.through
+            }
+            Ok(None) => 0,
+            Err(e) => {
+                report.push(false, e.to_string());
+                0
+            }
+        };
         let mut events = 0u64;
-        for event in self.events() {
+        for event in self.events_from(from) {
             match event {
                 Ok(_) => events += 1,
                 Err(e) => {
@@ -335,7 +352,7 @@ impl Store {
                 }
             }
         }
-        report.push(true, format!("{events} logged events decode"));
+        report.push(true, format!("{events} logged events to replay decode"));
         Ok(report)
     }
 
