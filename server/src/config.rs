@@ -122,6 +122,14 @@ pub struct NetworkConfig {
     /// Largest accepted update payload, bytes.
     #[serde(default = "default_max_payload")]
     pub max_payload_bytes: u64,
+    /// MiB of update payloads the server holds in memory at once, across every connection; an
+    /// upload beyond it waits (up to `transfer_timeout_s`) for room. At least `max_payload_bytes`.
+    #[serde(default = "default_upload_memory")]
+    pub upload_memory_mb: u64,
+}
+
+fn default_upload_memory() -> u64 {
+    2048
 }
 
 impl Default for NetworkConfig {
@@ -134,6 +142,7 @@ impl Default for NetworkConfig {
             idle_timeout_s: default_idle(),
             transfer_timeout_s: default_transfer(),
             max_payload_bytes: default_max_payload(),
+            upload_memory_mb: default_upload_memory(),
         }
     }
 }
@@ -261,6 +270,9 @@ fn default_top_name() -> String {
 /// ones would overflow the clock.
 pub const MAX_SECONDS: f64 = 1e7;
 
+/// The largest `[server] upload_memory_mb` (1 TiB): the budget counts MiB as semaphore permits.
+pub const MAX_UPLOAD_MEMORY_MB: u64 = 1 << 20;
+
 impl ServerConfig {
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Self> {
@@ -316,6 +328,15 @@ impl ServerConfig {
         ensure!(
             self.server.max_payload_bytes >= 1,
             "[server] max_payload_bytes must be at least 1 (0 would refuse every update)"
+        );
+        ensure!(
+            self.server.upload_memory_mb <= MAX_UPLOAD_MEMORY_MB
+                && self.server.upload_memory_mb.saturating_mul(1 << 20) >= self.server.max_payload_bytes,
+            "[server] upload_memory_mb must hold the largest upload (max_payload_bytes = {} needs at least \
+             {}) and be at most {MAX_UPLOAD_MEMORY_MB}, got {}",
+            self.server.max_payload_bytes,
+            self.server.max_payload_bytes.div_ceil(1 << 20),
+            self.server.upload_memory_mb
         );
         self.runtime
             .check()
@@ -453,6 +474,7 @@ reconnect_grace_s = 30         # a disconnected client keeps its task this long
 idle_timeout_s = 30
 transfer_timeout_s = 300
 max_payload_bytes = 1073741824
+upload_memory_mb = 2048        # update payloads held in memory at once, all clients together
 
 [storage]
 keep_versions = 20             # model versions whose files are kept (0: all)
@@ -612,6 +634,11 @@ mod tests {
             ),
             ("memory_mb = 2048", "memory_mb = 0", "memory_mb"),
             ("keep_versions = 20", "keep_versions = 1", "keep_versions"),
+            (
+                "upload_memory_mb = 2048",
+                "upload_memory_mb = 10",
+                "upload_memory_mb",
+            ),
         ] {
             assert!(base.contains(from), "the template sets `{from}`");
             let config: ServerConfig = toml::from_str(&base.replace(from, to)).unwrap();

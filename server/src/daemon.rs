@@ -99,6 +99,9 @@ pub(crate) enum ToClient {
 }
 
 /// What every connection task shares.
+/// Handshakes the server carries out at once.
+const MAX_HANDSHAKES: usize = 256;
+
 struct Shared {
     requests: std_mpsc::Sender<Request>,
     layout: Arc<Layout>,
@@ -114,6 +117,8 @@ struct Shared {
     feedback: String,
     allow_anonymous: bool,
     transfer_timeout: Duration,
+    /// Memory for payloads being received, across every connection.
+    upload_budget: upload_budget::UploadBudget,
     uploads: AtomicU64,
     /// The last version, once the run is finished.
     finished: tokio::sync::watch::Receiver<Option<ModelVersion>>,
@@ -177,6 +182,7 @@ pub fn serve(dir: &DataDir, data_dir: Option<&Path>) -> Result<RunSummary> {
         feedback: config.feedback.to_string(),
         allow_anonymous: config.server.allow_anonymous,
         transfer_timeout: Duration::from_secs_f64(config.server.transfer_timeout_s),
+        upload_budget: upload_budget::UploadBudget::new(config.server.upload_memory_mb),
         uploads: AtomicU64::new(0),
         finished: finished_rx,
         wire_in: AtomicU64::new(0),
@@ -231,8 +237,19 @@ pub fn serve(dir: &DataDir, data_dir: Option<&Path>) -> Result<RunSummary> {
             let endpoint = endpoint.clone();
             let shared = shared.clone();
             tokio::spawn(async move {
+                // Handshakes in progress at once: past the cap a new attempt is refused at once, so
+                // a burst of handshakes (each costs the server a TLS key exchange) cannot pile up.
+                let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
                 while let Some(incoming) = endpoint.accept().await {
-                    tokio::spawn(serve_connection(incoming, shared.clone()));
+                    match handshakes.clone().try_acquire_owned() {
+                        Ok(handshake) => {
+                            tokio::spawn(serve_connection(incoming, handshake, shared.clone()));
+                        }
+                        Err(_) => {
+                            tracing::warn!(remote = %incoming.remote_address(), "too many handshakes at once; refused");
+                            incoming.refuse();
+                        }
+                    }
                 }
             })
         };
@@ -322,6 +339,7 @@ mod absences;
 mod connection;
 mod coordinator;
 mod split_streams;
+mod upload_budget;
 
 use connection::serve_connection;
 use coordinator::coordinate;

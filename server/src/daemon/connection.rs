@@ -7,7 +7,11 @@ use super::*;
 
 static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
 
-pub(super) async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
+pub(super) async fn serve_connection(
+    incoming: quinn::Incoming,
+    handshake: tokio::sync::OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(c) => c,
@@ -16,6 +20,7 @@ pub(super) async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shar
             return;
         }
     };
+    drop(handshake);
     let connection = CONNECTIONS.fetch_add(1, Ordering::Relaxed);
     let mut session = Session {
         conn: conn.clone(),
@@ -268,6 +273,23 @@ impl Session {
                 ),
             ));
         }
+        // Room for the payload in the server-wide budget, held until the run has decided on it.
+        let reservation = tokio::time::timeout(
+            shared.transfer_timeout,
+            shared.upload_budget.reserve(payload_bytes),
+        )
+        .await
+        .ok()
+        .flatten();
+        let Some(_reservation) = reservation else {
+            return Err(Fatal(
+                ErrorCode::Internal,
+                format!(
+                    "no room for an update of {payload_bytes} bytes: other uploads hold the server's \
+                     upload_memory_mb; try again later"
+                ),
+            ));
+        };
         let receive = async {
             let mut stream = self
                 .conn
