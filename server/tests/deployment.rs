@@ -13,7 +13,7 @@
 mod common;
 
 use common::*;
-use shoal_core::{ModelVersion, TaskId, UpdateMeta};
+use shoal_core::{ClientId, ModelVersion, TaskId, UpdateMeta};
 use shoal_net::endpoint::{Timeouts, client_endpoint};
 use shoal_net::protocol::{
     Capabilities, ClientMessage, DeclaredProfile, ErrorCode, PROTOCOL_VERSION, ServerMessage, StreamHeader,
@@ -430,6 +430,31 @@ async fn close_code(conn: &quinn::Connection) -> Option<u64> {
     }
 }
 
+/// The client id the server welcomed this connection with, and the first task it sent.
+async fn first_task(reader: &mut MessageReader) -> (ClientId, TaskId, ModelVersion) {
+    let mut client = None;
+    loop {
+        match reader.next_message::<ServerMessage>().await.unwrap().unwrap() {
+            ServerMessage::Welcome { client: c, .. } => client = Some(c),
+            ServerMessage::Task { task, version, .. } => return (client.unwrap(), task, version),
+            _ => {}
+        }
+    }
+}
+
+/// What a hand-made upload for `task` says about itself.
+fn update_meta(client: ClientId, task: TaskId, base_version: ModelVersion) -> UpdateMeta {
+    UpdateMeta {
+        client,
+        task,
+        base_version,
+        num_samples: 100,
+        local_steps: 1,
+        loss: 0.0,
+        duration_s: 0.1,
+    }
+}
+
 enum Misbehaviour {
     Corrupted,
     Truncated,
@@ -445,23 +470,8 @@ async fn bad_upload(
     how: Misbehaviour,
 ) -> (ErrorCode, Option<u64>) {
     let (endpoint, conn, mut send, mut reader) = connect_by_hand(address, ca, identity).await;
-    let mut client = None;
-    let (task, version) = loop {
-        match reader.next_message::<ServerMessage>().await.unwrap().unwrap() {
-            ServerMessage::Welcome { client: c, .. } => client = Some(c),
-            ServerMessage::Task { task, version, .. } => break (task, version),
-            _ => {}
-        }
-    };
-    let meta = |task: TaskId| UpdateMeta {
-        client: client.unwrap(),
-        task,
-        base_version: version,
-        num_samples: 100,
-        local_steps: 1,
-        loss: 0.0,
-        duration_s: 0.1,
-    };
+    let (client, task, version) = first_task(&mut reader).await;
+    let meta = |task: TaskId| update_meta(client, task, version);
     let (announced, sent): (u64, Vec<u8>) = match how {
         Misbehaviour::Corrupted => (4000, vec![0xAB; 4000]),
         Misbehaviour::Truncated => (4000, vec![0; 1000]),
@@ -503,14 +513,7 @@ async fn forged_upload(
     layout: &shoal_core::Layout,
 ) -> (ErrorCode, bool) {
     let (endpoint, conn, mut send, mut reader) = connect_by_hand(address, ca, identity).await;
-    let mut client = None;
-    let (task, version) = loop {
-        match reader.next_message::<ServerMessage>().await.unwrap().unwrap() {
-            ServerMessage::Welcome { client: c, .. } => client = Some(c),
-            ServerMessage::Task { task, version, .. } => break (task, version),
-            _ => {}
-        }
-    };
+    let (client, task, version) = first_task(&mut reader).await;
     let forged = TaskId(task.0 + 1_000_000);
     let payload = shoal_compression::encode(
         &shoal_compression::CodecSpec::identity(),
@@ -519,15 +522,7 @@ async fn forged_upload(
         0,
     )
     .unwrap();
-    let meta = UpdateMeta {
-        client: client.unwrap(),
-        task: forged,
-        base_version: version,
-        num_samples: 100,
-        local_steps: 1,
-        loss: 0.0,
-        duration_s: 0.1,
-    };
+    let meta = update_meta(client, forged, version);
     write_message(
         &mut send,
         &ClientMessage::UpdateReady {
