@@ -1,11 +1,10 @@
 //! fl-server and fl-client as real processes on loopback, with mutual TLS and MNIST partitions:
-//! the local-federation example end to end, the admin API, a server killed with SIGKILL in the middle of an
-//! aggregation that resumes and aggregates every acknowledged update exactly once, clients
-//! that are refused (no valid certificate), disconnected (truncated, oversized, corrupted
-//! uploads) or have their task failed (an upload for a task never assigned) while the rounds
-//! complete with the others, and split learning: three split clients with and without pipelining, and bad split streams reset or disconnected; and hierarchical
-//! aggregation: a top and two leaf fl-servers whose versions equal the flat aggregation of every
-//! client's update.
+//! the local-federation example end to end, the admin API, clients that are refused (no valid
+//! certificate), disconnected (truncated, oversized, corrupted uploads) or have their task failed
+//! (an upload for a task never assigned) while the rounds complete with the others; split
+//! learning: three split clients with and without pipelining, and bad split streams reset or
+//! disconnected; and hierarchical aggregation: a top and two leaf fl-servers whose versions equal
+//! the flat aggregation of every client's update. Servers killed with SIGKILL are in `kill.rs`.
 
 // Helpers outside #[test] functions unwrap too: a failure there is the test failing.
 #![allow(clippy::unwrap_used)]
@@ -23,27 +22,9 @@ use shoal_net::tls::{self, PemPair};
 use shoal_server::admin::proto::{ExportModelRequest, PauseRequest, StatusRequest};
 use shoal_server::config::ServerConfig;
 use shoal_server::datadir::DataDir;
-use shoal_server::store::Store;
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-
-/// Every task folded into a committed version, with the versions it appears in.
-fn folded_tasks(dir: &Path) -> (Vec<ModelVersion>, BTreeMap<u64, Vec<u64>>) {
-    let config = ServerConfig::load(&dir.join("server.toml")).unwrap();
-    let store = Store::open(&dir.join("state"), config.fingerprint()).unwrap();
-    let mut versions = Vec::new();
-    let mut tasks: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-    for record in store.version_records().unwrap() {
-        versions.push(record.version);
-        for t in record.tasks {
-            tasks.entry(t.0).or_default().push(record.version.0);
-        }
-    }
-    (versions, tasks)
-}
 
 /// Runs examples/local-federation.sh with `args` into a fresh folder; its summary.json.
 fn local_federation(args: &[&str]) -> (serde_json::Value, tempfile::TempDir) {
@@ -293,92 +274,6 @@ fn split_clients_train_the_head_while_the_server_trains_the_tail_over_quic() {
             );
         }
     }
-}
-
-#[test]
-fn a_server_killed_mid_aggregation_resumes_and_aggregates_each_acknowledged_update_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
-    let clients = 5;
-    let rounds = 4;
-    init_run(dir, clients, |text| {
-        // A snapshot after every version: the restart restores one and replays the log after it.
-        text.replace("rounds = 3", &format!("rounds = {rounds}"))
-            .replace("reconnect_grace_s = 30", "reconnect_grace_s = 20")
-            .replace("every = 1", "every = 4")
-            .replace("snapshot_every = 50", "snapshot_every = 1")
-    });
-    let (mut server, address) = start_server(dir, 1);
-    // The restarted server must listen where the clients reconnect to.
-    let config = dir.join("server.toml");
-    let text = std::fs::read_to_string(&config).unwrap();
-    let pinned = text.replace("\"127.0.0.1:0\"", &format!("\"{}\"", address.trim()));
-    assert_ne!(pinned, text);
-    std::fs::write(&config, pinned).unwrap();
-    let mut devices: Vec<Process> = (0..clients)
-        .map(|i| start_client(dir, &address, i, clients))
-        .collect();
-    // Version 1 committed, then the first update of round 2 made durable: kill -9 right there,
-    // while that round's aggregation is in progress.
-    wait_for_line(&server.log, "committed", 1, Duration::from_secs(120));
-    wait_for_line(&server.log, "update stored", clients, Duration::from_secs(120));
-    server.child.kill().unwrap();
-    server.child.wait().unwrap();
-    let stored_before = tasks_in(&server.log, "update stored");
-    assert!(
-        stored_before.len() > clients,
-        "the kill came after an update of round 2 was stored"
-    );
-
-    let (mut server, _) = start_server(dir, 2);
-    let status = server.wait_for_exit(Duration::from_secs(240));
-    assert!(
-        status.success(),
-        "the restarted server failed:\n{}",
-        tail(&server.log)
-    );
-    for device in &mut devices {
-        assert!(
-            device.wait_for_exit(Duration::from_secs(60)).success(),
-            "{}",
-            tail(&device.log)
-        );
-    }
-
-    let (versions, folded) = folded_tasks(dir);
-    assert_eq!(versions.last(), Some(&ModelVersion(rounds)));
-    // Acknowledged (client logs) and stored (server log, before the kill): each in exactly one
-    // committed version.
-    let mut acknowledged = BTreeSet::new();
-    for device in &devices {
-        acknowledged.extend(tasks_in(&device.log, "update accepted"));
-    }
-    assert!(
-        acknowledged.len() >= rounds as usize,
-        "acknowledged: {acknowledged:?}"
-    );
-    for task in acknowledged.iter().chain(&stored_before) {
-        let in_versions = folded.get(task).cloned().unwrap_or_default();
-        assert_eq!(
-            in_versions.len(),
-            1,
-            "{task} was aggregated into versions {in_versions:?}"
-        );
-    }
-    assert!(
-        folded.values().all(|v| v.len() == 1),
-        "no update is aggregated twice"
-    );
-    let restored = std::fs::read_to_string(&server.log).unwrap();
-    assert!(restored.contains("restored the run from its log"), "{restored}");
-    assert!(
-        dir.join("state").join("snapshot.bin").exists(),
-        "the run was snapshotted"
-    );
-    assert!(
-        restored.contains("snapshot_through=") && !restored.contains("snapshot_through=0 "),
-        "the restart began at a snapshot: {restored}"
-    );
 }
 
 /// Connects as `identity` and says Hello (able to run split heads); the endpoint, the

@@ -231,3 +231,33 @@ pub fn tasks_in(log: &Path, needle: &str) -> Vec<u64> {
         })
         .collect()
 }
+
+/// Every task folded into a committed version of the run at `dir`, with the versions it appears in.
+pub fn folded_tasks(
+    dir: &Path,
+) -> (
+    Vec<shoal_core::ModelVersion>,
+    std::collections::BTreeMap<u64, Vec<u64>>,
+) {
+    let config = shoal_server::config::ServerConfig::load(&dir.join("server.toml")).unwrap();
+    let store = shoal_server::store::Store::open(&dir.join("state"), config.fingerprint()).unwrap();
+    let mut versions = Vec::new();
+    let mut tasks: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+    for record in store.version_records().unwrap() {
+        versions.push(record.version);
+        for t in record.tasks {
+            tasks.entry(t.0).or_default().push(record.version.0);
+        }
+    }
+    (versions, tasks)
+}
+
+/// Rewrites DIR/server.toml to listen at `address` (the one its first start picked), so a
+/// restarted server listens where its clients reconnect to.
+pub fn pin_listen_address(dir: &Path, address: &str) {
+    let config = dir.join("server.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let pinned = text.replace("\"127.0.0.1:0\"", &format!("\"{}\"", address.trim()));
+    assert_ne!(pinned, text);
+    std::fs::write(&config, pinned).unwrap();
+}
