@@ -1,7 +1,10 @@
 //! shoal-fuzz: feeds each decoder of peer input ([`targets`]) generated and mutated inputs
 //! ([`mutate`]) and counts what it accepted, refused, and — the defect this looks for — panicked
 //! on. `shoal-fuzz` runs millions per decoder; the test suite runs a few thousand.
+//! [`config_values`] does the same for configuration files: every numeric field set to values
+//! meant to break it, for fl-server's and fl-sim's property tests.
 
+pub mod config_values;
 pub mod mutate;
 pub mod targets;
 

@@ -69,8 +69,13 @@ impl Model {
         let mut tail_layers = Vec::new();
         let mut tail_input = cut_shape.clone();
         if let Some(spec) = bottleneck {
-            if spec.channels == 0 {
-                return Err(fail("a bottleneck needs at least one channel".into()));
+            // A bottleneck narrows the cut: at most as many channels (features) as it has.
+            let width = cut_shape.last().copied().unwrap_or(0);
+            if spec.channels == 0 || spec.channels > width {
+                return Err(fail(format!(
+                    "a bottleneck has between 1 and the cut's {width} channels, got {}",
+                    spec.channels
+                )));
             }
             let (encoder, decoder, wire_shape) = match cut_shape.as_slice() {
                 &[h, w, c] => (
@@ -285,5 +290,19 @@ mod tests {
             model.split("relu1", Some(&zero)),
             Err(ModelError::Split { .. })
         ));
+        // relu1 has 200 features: a bottleneck of 201 would widen the cut.
+        let wider = BottleneckSpec {
+            channels: 201,
+            decoder_relu: true,
+        };
+        assert!(matches!(
+            model.split("relu1", Some(&wider)),
+            Err(ModelError::Split { .. })
+        ));
+        let full = BottleneckSpec {
+            channels: 200,
+            decoder_relu: true,
+        };
+        assert!(model.split("relu1", Some(&full)).is_ok());
     }
 }

@@ -27,7 +27,24 @@ pub struct ModelConfig {
     pub batch_size: usize,
 }
 
+/// The largest local minibatch `[model] batch_size` may name.
+pub const MAX_BATCH_SIZE: usize = 1 << 20;
+
 impl ModelConfig {
+    /// Checks `batch_size` (between 1 and [`MAX_BATCH_SIZE`]); the error names the bound.
+    pub fn check(&self) -> Result<(), ModelError> {
+        if !(1..=MAX_BATCH_SIZE).contains(&self.batch_size) {
+            return Err(ModelError::Architecture {
+                model: self.name.clone(),
+                reason: format!(
+                    "[model] batch_size must be between 1 and {MAX_BATCH_SIZE}, got {}",
+                    self.batch_size
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// The network for samples of `input_shape` and `classes` outputs.
     pub fn build(&self, input_shape: &[usize], classes: usize) -> Result<Model, ModelError> {
         build(&self.name, input_shape, classes)

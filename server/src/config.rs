@@ -14,6 +14,7 @@ use shoal_model::zoo::ModelConfig;
 use shoal_split::SplitConfig;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// `[data]`: the dataset the model is sized for, and the held-out set for evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -130,6 +131,40 @@ pub struct NetworkConfig {
 
 fn default_upload_memory() -> u64 {
     2048
+}
+
+/// The durations the daemon runs with, from `[server]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NetworkDurations {
+    /// A silent connection is closed after this.
+    pub idle: Duration,
+    /// Keep-alive pings this often (a quarter of `idle`, at least 0.5 s).
+    pub keep_alive: Duration,
+    /// One payload transfer may take this long.
+    pub transfer: Duration,
+    /// A disconnected client keeps its task this long.
+    pub reconnect_grace: Duration,
+}
+
+impl NetworkConfig {
+    /// The durations of `[server]`, each positive and at most [`MAX_SECONDS`]; an error names the
+    /// field and the bound.
+    pub fn durations(&self) -> Result<NetworkDurations> {
+        let seconds = |name: &str, v: f64| {
+            ensure!(
+                v.is_finite() && v > 0.0 && v <= MAX_SECONDS,
+                "[server] {name} must be positive and at most {MAX_SECONDS} s (about 116 days), got {v}"
+            );
+            Ok(Duration::from_secs_f64(v))
+        };
+        let idle = seconds("idle_timeout_s", self.idle_timeout_s)?;
+        Ok(NetworkDurations {
+            idle,
+            keep_alive: (idle / 4).max(Duration::from_millis(500)),
+            transfer: seconds("transfer_timeout_s", self.transfer_timeout_s)?,
+            reconnect_grace: seconds("reconnect_grace_s", self.reconnect_grace_s)?,
+        })
+    }
 }
 
 impl Default for NetworkConfig {
@@ -304,21 +339,13 @@ impl ServerConfig {
             );
             ensure!(self.eval.enabled, "[stop] target_accuracy needs [eval] enabled");
         }
+        self.data
+            .dataset
+            .check(&self.data.synthetic)
+            .context("[data.synthetic]")?;
         ensure!(self.eval.every != Some(0), "[eval] every must be at least 1");
-        ensure!(
-            self.model.batch_size >= 1,
-            "[model] batch_size must be at least 1"
-        );
-        for (name, v) in [
-            ("reconnect_grace_s", self.server.reconnect_grace_s),
-            ("idle_timeout_s", self.server.idle_timeout_s),
-            ("transfer_timeout_s", self.server.transfer_timeout_s),
-        ] {
-            ensure!(
-                v.is_finite() && v > 0.0 && v <= MAX_SECONDS,
-                "[server] {name} must be positive and at most {MAX_SECONDS} s (about 116 days), got {v}"
-            );
-        }
+        self.model.check()?;
+        self.server.durations()?;
         ensure!(self.stop.rounds != Some(0), "[stop] rounds must be at least 1");
         ensure!(
             self.storage.keep_versions != 1,

@@ -147,9 +147,10 @@ pub fn serve(dir: &DataDir, data_dir: Option<&Path>) -> Result<RunSummary> {
     } else {
         ClientAuth::Required
     };
+    let durations = config.server.durations()?;
     let timeouts = Timeouts {
-        idle: Duration::from_secs_f64(config.server.idle_timeout_s),
-        keep_alive: Duration::from_secs_f64((config.server.idle_timeout_s / 4.0).max(0.5)),
+        idle: durations.idle,
+        keep_alive: durations.keep_alive,
     };
     let endpoint = runtime.block_on(async {
         server_endpoint(config.server.listen, &ca.cert, &server_pair, auth, timeouts)
@@ -181,14 +182,14 @@ pub fn serve(dir: &DataDir, data_dir: Option<&Path>) -> Result<RunSummary> {
         codec: config.codec.to_string(),
         feedback: config.feedback.to_string(),
         allow_anonymous: config.server.allow_anonymous,
-        transfer_timeout: Duration::from_secs_f64(config.server.transfer_timeout_s),
+        transfer_timeout: durations.transfer,
         upload_budget: upload_budget::UploadBudget::new(config.server.upload_memory_mb),
         uploads: AtomicU64::new(0),
         finished: finished_rx,
         wire_in: AtomicU64::new(0),
         wire_out: AtomicU64::new(0),
     });
-    let grace = Duration::from_secs_f64(config.server.reconnect_grace_s);
+    let grace = durations.reconnect_grace;
     let (metrics_tx, _) = tokio::sync::broadcast::channel(64);
     let admin_listener = runtime
         .block_on(tokio::net::TcpListener::bind(config.server.admin))

@@ -10,11 +10,11 @@
 
 mod common;
 
+use common::offline::*;
 use common::*;
-use shoal_aggregators::Event;
-use shoal_core::{ClientId, ModelVersion, TaskId, UpdateMeta};
+use shoal_core::{ClientId, ModelVersion, TaskId};
 use shoal_server::config::ServerConfig;
-use shoal_server::run::{Offer, Outgoing, ReceivedUpdate, Run};
+use shoal_server::run::{Offer, Run};
 use shoal_server::store::Store;
 use std::path::Path;
 use std::process::Command;
@@ -36,68 +36,18 @@ fn three_client_run_with(dir: &Path, edit: impl Fn(String) -> String) -> ServerC
     ServerConfig::load(&dir.join("server.toml")).unwrap()
 }
 
-type Assignment = (ClientId, TaskId, ModelVersion);
-
-fn tasks_in(out: Vec<Outgoing>) -> Vec<Assignment> {
-    out.into_iter()
-        .filter_map(|o| match o {
-            Outgoing::Task {
-                client,
-                task,
-                version,
-                ..
-            } => Some((client, task, version)),
-            _ => None,
-        })
-        .collect()
-}
-
 /// Three clients join; the tasks of the first round.
 fn join_three(server: &mut Run) -> Vec<Assignment> {
-    let mut tasks = Vec::new();
-    for i in 0..3 {
-        let client = server.client_id(&format!("device-{i}")).unwrap();
-        let out = server
-            .handle(Event::Joined {
-                client,
-                num_samples: 10,
-            })
-            .unwrap();
-        tasks.extend(tasks_in(out));
-    }
+    let tasks = join(server, 3);
     assert_eq!(tasks.len(), 3, "a round of three");
     tasks
 }
 
-/// Offers an update of `value` everywhere for `assignment`, as a connection would; the tasks the
-/// acceptance gave out.
-fn offer(server: &mut Run, (client, task, version): Assignment, value: f32, upload: u64) -> Vec<Assignment> {
-    let layout = server.layout();
-    let values = vec![value; layout.len()];
-    let payload =
-        shoal_compression::encode(&shoal_compression::CodecSpec::identity(), &layout, &values, 0).unwrap();
-    let incoming = Store::incoming_path(server.state_dir(), upload);
-    shoal_server::files::write_atomic(&incoming, &[&payload]).unwrap();
-    let part_bytes = vec![payload.len() as u64];
-    let contribution = shoal_engine::decode_contribution(&payload, &part_bytes, &layout, 1, false).unwrap();
-    let update = ReceivedUpdate {
-        meta: UpdateMeta {
-            client,
-            task,
-            base_version: version,
-            num_samples: 10,
-            local_steps: 1,
-            loss: 0.5,
-            duration_s: 0.1,
-        },
-        wire_bytes: payload.len() as u64,
-        part_bytes,
-        hash: shoal_server::files::content_hash(&[&payload]),
-        contribution,
-    };
-    match server.offer_update(update, &incoming) {
-        Ok(Offer::Accepted(out)) => tasks_in(out),
-        other => panic!("{task} not accepted: {other:?}"),
+/// Offers an update of `value` everywhere for `assignment`; the tasks its acceptance gave out.
+fn offer(server: &mut Run, assignment: Assignment, value: f32, upload: u64) -> Vec<Assignment> {
+    match offer_update(server, assignment, value, upload) {
+        Ok(Offer::Accepted(out)) => assigned_tasks(out),
+        other => panic!("{} not accepted: {other:?}", assignment.1),
     }
 }
 

@@ -239,6 +239,10 @@ impl ExperimentConfig {
                 "[stop] target_accuracy is a fraction in [0, 1], got {a}"
             );
         }
+        self.data
+            .dataset
+            .check(&self.data.synthetic)
+            .context("[data.synthetic]")?;
         ensure!(self.eval.every != Some(0), "[eval] every must be at least 1");
         if let Some(t) = self.eval.every_s {
             ensure!(
@@ -246,10 +250,7 @@ impl ExperimentConfig {
                 "[eval] every_s must be positive, got {t}"
             );
         }
-        ensure!(
-            self.model.batch_size >= 1,
-            "[model] batch_size must be at least 1"
-        );
+        self.model.check()?;
         self.fleet.validate()?;
         if let Some(aggregation) = &self.server.aggregation {
             aggregation

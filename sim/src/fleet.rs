@@ -386,9 +386,19 @@ fn positive(what: &str, v: f64) -> Result<f64, FleetError> {
     }
 }
 
+/// Most devices a fleet may have (a systems-only fleet of 10^6 takes about 230 MB).
+pub const MAX_DEVICES: usize = 10_000_000;
+
 impl FleetConfig {
     /// Checks every parameter's range.
     pub fn validate(&self) -> Result<(), FleetError> {
+        if let Some(n) = self.count
+            && !(1..=MAX_DEVICES).contains(&n)
+        {
+            return Err(FleetError::Invalid(format!(
+                "count must be between 1 and {MAX_DEVICES} devices, got {n}"
+            )));
+        }
         if let Some(t) = self.base_step_time_s {
             positive("base_step_time_s", t)?;
         }

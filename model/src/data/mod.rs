@@ -182,6 +182,15 @@ impl DatasetName {
         }
     }
 
+    /// Checks what the dataset's configuration can check without reading files (the synthetic
+    /// set's sizes).
+    pub fn check(self, synthetic: &SyntheticConfig) -> Result<(), DataError> {
+        match self {
+            DatasetName::Mnist => Ok(()),
+            DatasetName::Synthetic => synthetic.check(),
+        }
+    }
+
     /// The sample shape and class count, without loading anything (to size a model).
     pub fn shape(self, synthetic: &SyntheticConfig) -> (Vec<usize>, usize) {
         match self {

@@ -35,6 +35,44 @@ pub struct SyntheticConfig {
     pub seed: u64,
 }
 
+/// Most clients, input dimensions or classes a synthetic set may have.
+pub const MAX_SYNTHETIC_SIZE: usize = 100_000;
+/// Most `num_clients × dim`: the set takes about 150 samples per client of `dim` floats, so this
+/// bounds it near 1 GiB.
+pub const MAX_SYNTHETIC_CLIENT_DIMS: usize = 2_000_000;
+
+impl SyntheticConfig {
+    /// Checks the parameters: finite non-negative α and β, sizes within their bounds, a test
+    /// fraction in [0, 1). The error names the parameter and its bound.
+    pub fn check(&self) -> Result<(), DataError> {
+        let invalid = |m: String| Err(DataError::InvalidConfig(format!("synthetic: {m}")));
+        if !(self.alpha >= 0.0 && self.beta >= 0.0 && self.alpha.is_finite() && self.beta.is_finite()) {
+            return invalid("alpha and beta must be finite and non-negative".into());
+        }
+        for (name, value, least) in [
+            ("num_clients", self.num_clients, 1),
+            ("dim", self.dim, 1),
+            ("classes", self.classes, 2),
+        ] {
+            if !(least..=MAX_SYNTHETIC_SIZE).contains(&value) {
+                return invalid(format!(
+                    "{name} must be between {least} and {MAX_SYNTHETIC_SIZE}, got {value}"
+                ));
+            }
+        }
+        if self.num_clients * self.dim > MAX_SYNTHETIC_CLIENT_DIMS {
+            return invalid(format!(
+                "num_clients × dim must be at most {MAX_SYNTHETIC_CLIENT_DIMS} (about 1 GiB of samples), got {} × {}",
+                self.num_clients, self.dim
+            ));
+        }
+        if !(0.0..1.0).contains(&self.test_fraction) {
+            return invalid("test_fraction must be in [0, 1)".into());
+        }
+        Ok(())
+    }
+}
+
 impl Default for SyntheticConfig {
     fn default() -> Self {
         Self {
@@ -57,16 +95,7 @@ fn normal(rng: &mut impl Rng, mean: f64, std: f64) -> f64 {
 /// Generates synthetic(α, β): train and test sets, with each client's training indices as the
 /// natural partition.
 pub fn generate(cfg: &SyntheticConfig) -> Result<TrainTest, DataError> {
-    let invalid = |m: &str| Err(DataError::InvalidConfig(format!("synthetic: {m}")));
-    if !(cfg.alpha >= 0.0 && cfg.beta >= 0.0 && cfg.alpha.is_finite() && cfg.beta.is_finite()) {
-        return invalid("alpha and beta must be finite and non-negative");
-    }
-    if cfg.num_clients == 0 || cfg.dim == 0 || cfg.classes < 2 {
-        return invalid("needs at least one client, one dimension and two classes");
-    }
-    if !(0.0..1.0).contains(&cfg.test_fraction) {
-        return invalid("test_fraction must be in [0, 1)");
-    }
+    cfg.check()?;
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let (dim, classes) = (cfg.dim, cfg.classes);
     let sizes: Vec<usize> = (0..cfg.num_clients)

@@ -4,6 +4,8 @@
 // Helpers unwrap: a failure here is the test failing.
 #![allow(clippy::unwrap_used, dead_code)]
 
+pub mod offline;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
